@@ -250,10 +250,11 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
-        if past + T > self.cfg.context_length:
+        limit = min(self.cfg.context_length, kv_cache.max_length if kv_cache else math.inf)
+        if past + T > limit:
             raise ValueError(
-                f"sequence length {past + T} exceeds context_length={self.cfg.context_length}: "
-                f"pass at most {self.cfg.context_length} tokens"
+                f"sequence length {past + T} exceeds context_length={self.cfg.context_length} "
+                f"(or the KV cache's max_length): pass at most {limit} tokens"
             )
         mask = None  # plain causal attention: the fused kernels' fast path
         if attention_mask is not None:
