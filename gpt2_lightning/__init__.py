@@ -1,16 +1,19 @@
 """GPT-2 from scratch in PyTorch, trained with Lightning, configured with Hydra."""
 
-from gpt2_lightning.model import GPT, GPTConfig, KVCache
-from gpt2_lightning.tokenizer import get_tokenizer
+import warnings
+
+# `python -m gpt2_lightning.generate` runs a module that this file has already imported (for the
+# generate() and stream() functions below); runpy then warns that the module is in sys.modules.
+# Running it again as __main__ is harmless here (it only defines functions), so that one warning
+# is silenced. Importing lazily instead would let the submodule shadow the generate() function.
+warnings.filterwarnings(
+    "ignore",
+    message=r"'gpt2_lightning\.generate' found in sys\.modules",
+    category=RuntimeWarning,
+)
+
+from gpt2_lightning.generate import generate, stream  # noqa: E402
+from gpt2_lightning.model import GPT, GPTConfig, KVCache  # noqa: E402
+from gpt2_lightning.tokenizer import get_tokenizer  # noqa: E402
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "generate", "get_tokenizer", "stream"]
-
-
-def __getattr__(name: str):
-    # generate.py is also run as `python -m gpt2_lightning.generate`; importing it here eagerly
-    # would make runpy warn that the module was already imported, so it is loaded on first use.
-    if name in ("generate", "stream"):
-        from gpt2_lightning import generate as generate_module
-
-        return getattr(generate_module, name)
-    raise AttributeError(f"module 'gpt2_lightning' has no attribute {name!r}")

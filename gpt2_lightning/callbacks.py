@@ -1,0 +1,150 @@
+"""The few callbacks Lightning lacks: text samples, RNG state for exact resume, a final last.ckpt,
+and tokens/s in the progress bar."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+from gpt2_lightning.tokenizer import get_tokenizer
+
+
+def batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """Windows in a batch (ThroughputMonitor's batch_size_fn)."""
+    return batch[0].size(0)
+
+
+def batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """Tokens in a batch (ThroughputMonitor's length_fn: its "items" are our tokens)."""
+    return batch[0].numel()
+
+
+def sample_text(
+    model: torch.nn.Module,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    seed: int = 0,
+) -> str:
+    """The prompt and its continuation, sampled with its own generator (global RNG untouched)."""
+    from gpt2_lightning.generate import generate
+
+    enc = get_tokenizer()
+    device = next(model.parameters()).device
+    idx = torch.tensor([enc.encode(prompt, allowed_special="all")], device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(
+        model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator
+    )
+    return enc.decode(out[0].tolist())
+
+
+class TextSample(L.Callback):
+    """After each validation, generate a sample from a prompt and log it to TensorBoard.
+
+    Sampling draws from its own seeded generator, so it never disturbs the training RNG
+    (a resumed run still matches one that never stopped).
+    """
+
+    def __init__(
+        self,
+        prompt: str = "\n",
+        max_new_tokens: int = 40,
+        temperature: float = 0.8,
+        top_k: int | None = 40,
+        seed: int = 0,
+    ):
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.last_text: str | None = None
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.last_text = sample_text(
+            pl_module.model,
+            self.prompt,
+            self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=self.seed,
+        )
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                # Markdown: indent four spaces so TensorBoard shows the text as written.
+                shown = "    " + self.last_text.replace("\n", "\n    ")
+                experiment.add_text("sample", shown, global_step=trainer.global_step)
+
+
+class RNGState(L.Callback):
+    """Saves the global RNG states in checkpoints and puts them back when a run resumes.
+
+    Lightning restores the model, optimizer, scheduler, loops and the StatefulDataLoader, but not
+    the torch/numpy/python random states (dropout, shuffling of the next epoch). They are put back
+    at the first training batch after resuming: earlier hooks run before the data loader's
+    iterator is created, which itself draws random numbers.
+    """
+
+    def __init__(self):
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        version, state, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # plain lists and numbers, so torch.load(weights_only=True) reads the checkpoint
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(state), gauss],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        version, values, gauss = state["python"]
+        random.setstate((version, tuple(values), gauss))
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose last.ckpt always holds the final step of a run.
+
+    Upstream writes last.ckpt at the end of training only if no "last" was saved earlier in the
+    run, so a run that stops between two validations would leave an older last.ckpt behind.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, plus the tokens/s that ThroughputMonitor measures."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        per_device = trainer.logged_metrics.get("train/device/items_per_sec")  # items = tokens
+        if per_device is not None:
+            items["tok/s"] = f"{float(per_device) * trainer.world_size:,.0f}"
+        return items

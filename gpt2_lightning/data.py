@@ -1,0 +1,289 @@
+"""Text -> token ids (cached on disk) -> sliding windows -> batches.
+
+Tokens live in a uint16 file (GPT-2's 50257 ids fit in 16 bits) that training reads through a memory
+map, so a corpus larger than RAM never becomes Python objects. The file is named by a hash of the
+sources' content and the tokenizer, written atomically, and reused by every later run.
+
+`python -m gpt2_lightning.data prepare <path>` tokenizes a large corpus once, ahead of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from tqdm import tqdm
+
+from gpt2_lightning.tokenizer import get_tokenizer
+
+EMBEDDED = "embedded"  # display name of the default corpus
+
+
+class SlidingWindowDataset(Dataset):
+    """Windows of context_length + 1 tokens, start positions stride apart, as (input, target).
+
+    The target is the input shifted left by one: position t learns to predict token t + 1.
+    A stride equal to context_length gives non-overlapping windows; a smaller one overlaps them.
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int):
+        self.tokens = tokens
+        self.context_length = context_length
+        self.stride = stride
+
+    def __len__(self) -> int:
+        usable = len(self.tokens) - (self.context_length + 1)
+        return 0 if usable < 0 else usable // self.stride + 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.stride
+        window = self.tokens[start : start + self.context_length + 1].astype(np.int64)
+        window = torch.from_numpy(window)
+        return window[:-1], window[1:]
+
+
+def source_files(path: str | os.PathLike) -> list[Path]:
+    """The text files named by data.path: a file, a folder (all *.txt, recursively) or a glob."""
+    text = str(path)
+    if glob.has_magic(text):
+        found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        what = "glob"
+    elif Path(text).is_dir():
+        found = sorted(Path(text).rglob("*.txt"))
+        what = "folder"
+    elif Path(text).is_file():
+        return [Path(text)]
+    else:
+        raise ValueError(
+            f"data.path={text!r} does not exist: "
+            "give a text file, a folder of *.txt files or a glob"
+        )
+    if not found:
+        raise ValueError(f"data.path={text!r} is a {what} that matches no text files (*.txt)")
+    return found
+
+
+def embedded_documents() -> list[str]:
+    """The default corpus: Python's language reference, one document per topic.
+
+    CPython ships it as pydoc_data.topics (about 465 KB of English prose, PSF licence), so every
+    machine that runs this package already has it; see data/README.md. Indentation and runs of
+    spaces are collapsed and reST underlines dropped: as GPT-2 tokens, spaces were 18% of the raw
+    text, and a small model trained on it learns mostly to print spaces.
+    """
+    from pydoc_data.topics import topics
+
+    def clean(text: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            line = " ".join(line.split())
+            if line and set(line) <= set("*=-~^"):
+                continue
+            lines.append(line)
+        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+    return [clean(topics[name]) for name in sorted(topics)]
+
+
+def _documents(files: list[Path] | None, batch_bytes: int = 64 << 20) -> Iterator[list[str]]:
+    """Documents in batches of about batch_bytes, so a large corpus is never in memory at once."""
+    if files is None:
+        yield embedded_documents()
+        return
+    batch, size = [], 0
+    for file in files:
+        batch.append(file.read_text(encoding="utf-8", errors="replace"))
+        size += file.stat().st_size
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def cache_key(files: list[Path] | None) -> str:
+    """A hash of the tokenizer and of every source's bytes, in order."""
+    enc = get_tokenizer()
+    digest = hashlib.sha256(f"{enc.name}:{enc.n_vocab}\0".encode())
+    if files is None:
+        for doc in embedded_documents():
+            digest.update(doc.encode() + b"\0")
+    else:
+        for file in files:
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    return Path(xdg) / "gpt2_lightning" / "tokens"
+
+
+def tokenize_to_cache(
+    path: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Path:
+    """Tokenize the sources of data.path (None = embedded corpus) into the cache; return its file.
+
+    Documents are joined with <|endoftext|>, as GPT-2 was trained. Nothing is done when the cache
+    already holds these sources; a new file appears only complete (temp file, then rename).
+    """
+    files = None if path is None else source_files(path)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache_dir / f"{cache_key(files)}.bin"
+    if target.exists():
+        return target
+    enc = get_tokenizer()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(f.stat().st_size for f in files) if files else None
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    count = 0
+    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
+        try:
+            for batch in _documents(files):
+                for ids in enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1):
+                    if count:
+                        tmp.write(np.array([enc.eot_token], dtype=np.uint16).tobytes())
+                        count += 1
+                    tmp.write(np.asarray(ids, dtype=np.uint16).tobytes())
+                    count += len(ids)
+                bar.update(sum(len(doc.encode()) for doc in batch))
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    bar.close()
+    os.replace(tmp.name, target)
+    return target
+
+
+def load_tokens(file: Path) -> np.ndarray:
+    """The cached ids as a read-only memory map (nothing is read until a window asks for it)."""
+    if file.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(file, dtype=np.uint16, mode="r")
+
+
+class TextDataModule(L.LightningDataModule):
+    """The embedded corpus or the user's text files, tokenized, cached and cut into windows.
+
+    The last val_fraction of the tokens is the validation set: a contiguous range, so no window
+    holds tokens of both sets.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        context_length: int = 128,
+        batch_size: int = 8,
+        stride: int | None = None,
+        val_fraction: float = 0.1,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction!r} is invalid: must be in [0, 1)")
+        for name, value in (("batch_size", batch_size), ("context_length", context_length)):
+            if value < 1:
+                raise ValueError(f"data.{name}={value!r} is invalid: must be a positive integer")
+        if stride is not None and stride < 1:
+            raise ValueError(f"data.stride={stride!r} is invalid: must be a positive integer")
+        if path is not None:
+            source_files(path)  # fail now, before a trainer is built, if the path is wrong
+        self.path = path
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.stride = stride or context_length
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self.train_set: SlidingWindowDataset | None = None
+        self.val_set: SlidingWindowDataset | None = None
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node only: the cache is written once.
+        tokenize_to_cache(self.path, self.cache_dir, progress=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        tokens = load_tokens(tokenize_to_cache(self.path, self.cache_dir))
+        window = self.context_length + 1
+        source = self.path or EMBEDDED
+        if len(tokens) == 0:
+            raise ValueError(f"data.path={source!r} holds no text: the corpus is empty")
+        num_val = max(int(len(tokens) * self.val_fraction), window) if self.val_fraction else 0
+        if len(tokens) - num_val < window:
+            raise ValueError(
+                f"data.path={source!r} has {len(tokens)} tokens, too few for one training window "
+                f"of {window} tokens plus {num_val} validation tokens: give more text, "
+                "or lower model.context_length or data.val_fraction"
+            )
+        split = len(tokens) - num_val
+        self.train_set = SlidingWindowDataset(tokens[:split], self.context_length, self.stride)
+        self.val_set = SlidingWindowDataset(tokens[split:], self.context_length, self.stride)
+        if len(self.train_set) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} "
+                f"training windows of data.path={source!r}: lower data.batch_size or add text"
+            )
+
+    def _loader(self, dataset: Dataset, train: bool) -> StatefulDataLoader:
+        # StatefulDataLoader records how far into the epoch it is; Lightning saves that in the
+        # checkpoint and restores it, so a resumed run sees exactly the batches it would have seen.
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return StatefulDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=on_cuda,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_set, train=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2_lightning.data")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="tokenize a corpus into the token cache once")
+    prepare.add_argument("path", help="a text file, a folder of *.txt files, or a glob")
+    prepare.add_argument(
+        "--cache-dir", default=None, help="default: ~/.cache/gpt2_lightning/tokens"
+    )
+    args = parser.parse_args(argv)
+    try:
+        file = tokenize_to_cache(args.path, args.cache_dir, progress=True)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{file.stat().st_size // 2:,} tokens cached in {file}")
+    print(f"train on them with: python -m gpt2_lightning.train data.path={args.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Text generation: sampling controls, a KV cache, batches of prompts, and the command line.
+
+One step loop (`_step_loop`) does the work: it runs the model, picks the next token of every row and
+yields it. `stream` hands those tokens out as they come; `generate` collects them into a tensor.
+
+    python -m gpt2_lightning.generate checkpoint=124M prompt="Hello, I'm a language model,"
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from gpt2_lightning.model import GPT, KVCache
+from gpt2_lightning.tokenizer import get_tokenizer
+from gpt2_lightning.weights import WeightsError, load_checkpoint, load_pretrained, official_sizes
+
+
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> None:
+    """Raise ValueError naming the first sampling argument that is out of range."""
+    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 0")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(
+            f"temperature={temperature!r} is invalid: must be a number >= 0 (0 means greedy)"
+        )
+    if top_k is not None and (not _is_integer(top_k) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is invalid: must be an integer >= 1, or None")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} is invalid: must be in (0, 1], or None")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_prompt(
+    model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None, eos_id: int | None
+) -> None:
+    if idx.dim() != 2 or idx.size(1) == 0 or idx.dtype.is_floating_point:
+        raise ValueError(
+            f"idx of shape {tuple(idx.shape)} and dtype {idx.dtype} is invalid: "
+            "must be integer token ids of shape (batch, tokens) with at least one token"
+        )
+    if eos_id is not None and not 0 <= eos_id < model.cfg.vocab_size:
+        raise ValueError(f"eos_id={eos_id!r} is invalid: must be in [0, {model.cfg.vocab_size})")
+    if attention_mask is None:
+        return
+    if attention_mask.shape != idx.shape:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} is invalid: "
+            f"must match idx, {tuple(idx.shape)}"
+        )
+    mask = attention_mask.long()
+    # Left padding: 0s then 1s in each row, so every row ends in a real token to continue from.
+    if (
+        ((mask != 0) & (mask != 1)).any()
+        or (mask.diff(dim=1) < 0).any()
+        or (mask[:, -1] == 0).any()
+    ):
+        raise ValueError(
+            "attention_mask is invalid: must hold 0 (padding) then 1 (real tokens) in each row, "
+            "with the padding on the left and at least one real token"
+        )
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The next token of each row (B,) from the last position's logits (B, vocab_size)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, -math.inf)
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the more likely ones already reach top_p; the most likely always stays.
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(outside, -math.inf)
+        logits = logits.scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _steps(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    use_cache: bool,
+    generator: torch.Generator | None,
+    attention_mask: torch.Tensor | None,
+) -> Iterator[torch.Tensor]:
+    """Check the arguments now (not at the first step), then hand back the step loop."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    _check_prompt(model, idx, attention_mask, eos_id)
+    return _step_loop(
+        model,
+        idx,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        use_cache,
+        generator,
+        attention_mask,
+    )
+
+
+@torch.inference_mode()  # on a generator function, torch enters the mode around each step only
+def _step_loop(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    use_cache: bool,
+    generator: torch.Generator | None,
+    attention_mask: torch.Tensor | None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,), one step at a time."""
+    batch, prompt_length = idx.shape
+    context = model.cfg.context_length
+    cache = None
+    if use_cache and prompt_length <= context:
+        dtype = next(model.parameters()).dtype
+        max_length = min(context, prompt_length + max_new_tokens)
+        cache = KVCache(model.cfg, batch, max_length, device=idx.device, dtype=dtype)
+    sequence, mask = idx, attention_mask
+    unseen = idx  # tokens not yet run through the model into the cache: the prompt, then one
+    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            if cache is not None and sequence.size(1) <= context:
+                logits = model(unseen, kv_cache=cache, attention_mask=mask)
+            else:
+                # Positions are learned and absolute: once the window slides, every token sits at
+                # a new position and the cached keys/values are stale, so recompute the window.
+                cache = None
+                window_mask = None if mask is None else mask[:, -context:]
+                logits = model(sequence[:, -context:], attention_mask=window_mask)
+            token = _sample(logits[:, -1], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                token = token.masked_fill(finished, eos_id)  # finished rows are padded with EOS
+                finished |= token == eos_id
+            yield token
+            if eos_id is not None and finished.all():  # all() syncs a GPU: only when it can stop
+                return
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            unseen = token[:, None]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+    finally:
+        model.train(was_training)
+
+
+def stream(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> Iterator[int] | Iterator[torch.Tensor]:
+    """Yield new token ids as they are made: an int for a batch of one, else a (B,) tensor."""
+    steps = _steps(
+        model,
+        idx,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        use_cache,
+        generator,
+        attention_mask,
+    )
+    if idx.size(0) == 1:
+        return (int(token) for token in steps)
+    return steps
+
+
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The prompt ids idx (B, T) followed by up to max_new_tokens sampled ids: (B, T + new)."""
+    steps = _steps(
+        model,
+        idx,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        use_cache,
+        generator,
+        attention_mask,
+    )
+    return torch.cat([idx, *(token[:, None] for token in steps)], dim=1)
+
+
+def _load_model(checkpoint: str) -> GPT:
+    """A Lightning .ckpt file, a Hugging Face folder or an official size name."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return load_checkpoint(path)
+    if path.is_dir() or checkpoint in official_sizes():
+        return load_pretrained(checkpoint)
+    raise ValueError(
+        f"checkpoint={checkpoint!r} is neither a file, a folder nor an official size: pass a "
+        f"Lightning .ckpt, a Hugging Face folder or one of {', '.join(official_sizes())}"
+    )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device={name!r} is invalid: use auto, cpu or cuda[:index]") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} is unavailable: this machine has no CUDA device")
+    return device
+
+
+def _run(cfg: DictConfig) -> None:
+    # Cheap arguments first, so a typo fails at once rather than after loading the weights.
+    check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    num_samples, seed = cfg.num_samples, cfg.seed
+    if not _is_integer(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} is invalid: must be an integer >= 1")
+    if seed is not None and not _is_integer(seed):
+        raise ValueError(f"seed={seed!r} is invalid: must be an integer, or null for a random one")
+    device = _device(str(cfg.device))
+    model = _load_model(str(cfg.checkpoint)).to(device)
+
+    tokenizer = get_tokenizer()
+    # An empty prompt starts after <|endoftext|>, where GPT-2 saw every document begin.
+    prompt_ids = tokenizer.encode(str(cfg.prompt), allowed_special="all") or [tokenizer.eot_token]
+    if max(prompt_ids) >= model.cfg.vocab_size:
+        raise ValueError(
+            f"prompt={cfg.prompt!r} has token id {max(prompt_ids)}, outside this model's "
+            f"vocabulary (vocab_size={model.cfg.vocab_size}): use a model with GPT-2's 50257 ids"
+        )
+    eos_id = tokenizer.eot_token if tokenizer.eot_token < model.cfg.vocab_size else None
+    idx = torch.tensor([prompt_ids], device=device)
+    generator = torch.Generator(device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+
+    for sample in range(num_samples):
+        if num_samples > 1:
+            print(f"--- sample {sample + 1} of {num_samples} ---")
+        print(cfg.prompt, end="", flush=True)
+        # A character may span several tokens' bytes: the incremental decoder holds a partial
+        # character back until its last byte arrives instead of printing a replacement mark.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens = stream(
+            model,
+            idx,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            eos_id=eos_id,
+            generator=generator,
+        )
+        for token in tokens:
+            if token != eos_id:
+                text = decoder.decode(tokenizer.decode_single_token_bytes(token))
+                print(text, end="", flush=True)
+        print(decoder.decode(b"", final=True))
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    """`python -m gpt2_lightning.generate checkpoint=... prompt=...`: stream text to stdout."""
+    try:
+        _run(cfg)
+    except (ValueError, OSError, WeightsError) as error:
+        # Expected mistakes get one line; an exception escaping here would print a traceback.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The LightningModule: GPT plus its loss, metrics, optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.utilities import grad_norm
+from torchmetrics import MeanMetric
+
+from gpt2_lightning.model import GPT, GPTConfig
+
+
+class WarmupCosine:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to min_lr / lr.
+
+    A callable object rather than a lambda, so LambdaLR can save it in a checkpoint.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Constant:
+    """Learning-rate multiplier: linear warmup to 1, then constant."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+class GPTLightningModule(L.LightningModule):
+    """Trains GPT on next-token prediction.
+
+    Arguments are plain dicts (the composed Hydra groups), saved as hyperparameters so a
+    checkpoint can be read with torch.load(weights_only=True) and rebuilt without Hydra.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        compile: bool = False,
+    ):
+        super().__init__()
+        if scheduler["name"] not in SCHEDULES:
+            raise ValueError(
+                f"scheduler.name={scheduler['name']!r} is unknown: valid are {', '.join(SCHEDULES)}"
+            )
+        if scheduler["name"] == "cosine" and scheduler["total_steps"] < 1:
+            raise ValueError(
+                f"scheduler.total_steps={scheduler['total_steps']} is invalid: the cosine "
+                "schedule needs a positive horizon (set trainer.max_steps or scheduler.total_steps)"
+            )
+        self.save_hyperparameters()
+        self.model = GPT(GPTConfig(**model))
+        if compile:
+            # In place, so parameter names (and checkpoints) are the same as without compile.
+            self.model.compile()
+        self.val_loss = MeanMetric()  # token-weighted mean, synced across ranks
+        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (MFU)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)  # (B, T, vocab_size)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.val_loss.update(self.loss(batch), weight=batch[1].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping: the norm the clip threshold is compared with.
+        self.log("train/grad_norm", grad_norm(self.model, norm_type=2)["grad_2.0_norm_total"])
+
+    def setup(self, stage: str) -> None:
+        # FLOPs of one training batch, measured on the meta device (no memory, no compute), so
+        # the ThroughputMonitor can report model FLOPs utilisation where the device's peak is known.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        with torch.device("meta"):
+            model = GPT(self.model.cfg)
+            x = torch.zeros(datamodule.batch_size, datamodule.context_length, dtype=torch.long)
+        self.flops_per_batch = measure_flops(model, lambda: model(x), lambda y: y.sum())
+
+    def configure_optimizers(self):
+        opt = self.hparams.optimizer
+        # Weight decay on matrices (linear and embedding weights) only; biases and norm gains
+        # are left alone, as in GPT-2 and nanoGPT.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": opt["weight_decay"]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], fused=fused
+        )
+        sched = self.hparams.scheduler
+        if sched["name"] == "cosine":
+            min_ratio = sched["min_lr"] / opt["lr"]
+            factor = WarmupCosine(sched["warmup_steps"], sched["total_steps"], min_ratio)
+        else:
+            factor = Constant(sched["warmup_steps"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        schedule = {"scheduler": scheduler, "interval": "step"}  # stepped every optimizer step
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -1,0 +1,103 @@
+"""`python -m gpt2_lightning.train [key=value ...]`: compose the config, train, sample.
+
+Every knob lives in conf/ (see `--cfg job` for the composed config); this file only wires the
+instantiated pieces together, the shape of lightning-hydra-template's train.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from gpt2_lightning.callbacks import sample_text
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning each large block to the OS.
+
+    Every step allocates and frees the (B, T, 50257) logits and their gradient, hundreds of MB.
+    By default glibc maps such blocks fresh and unmaps them on free, so each step pays for page
+    faults on all of it; keeping them in the heap makes a tiny-model CPU step ~1.7x faster here.
+    Same effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_; a no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, ctypes.c_int(2**31 - 1))
+    libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail early, with one line, on a ckpt_path that does not exist or cannot be read."""
+    if not Path(path).is_file():
+        raise ValueError(
+            f"ckpt_path={path!r} does not exist: give a .ckpt written by a training run, "
+            "e.g. outputs/<date>/<time>/checkpoints/last.ckpt"
+        )
+    try:
+        # mmap: checks the archive without reading the tensors into memory
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ValueError(
+            f"ckpt_path={path!r} is not a readable Lightning checkpoint "
+            f"({type(error).__name__}): give a .ckpt written by a training run"
+        ) from None
+
+
+def train(cfg: DictConfig) -> float:
+    """Train as cfg says; return the final val/loss (the objective of sweeps)."""
+    if cfg.ckpt_path:
+        check_checkpoint(cfg.ckpt_path)
+    keep_freed_memory()
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    start = time.perf_counter()
+    first_val = None
+    if cfg.val_before_fit and not cfg.ckpt_path:
+        first_val = trainer.validate(module, datamodule, verbose=False)[0]["val/loss"]
+    trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
+    last_val = float(trainer.callback_metrics.get("val/loss", float("nan")))
+
+    if trainer.is_global_zero:
+        text = sample_text(module.model, **cfg.sample, seed=cfg.seed)
+        last_ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        since = f"{first_val:.3f} -> " if first_val is not None else ""
+        print(f"\n--- sample (prompt {cfg.sample.prompt!r}) ---\n{text}\n---")
+        print(f"steps:      {trainer.global_step} in {time.perf_counter() - start:.0f} s")
+        print(f"val loss:   {since}{last_val:.3f}")
+        print(f"checkpoint: {last_ckpt}")
+        print(f"tensorboard --logdir {Path(cfg.run_dir).parent}")
+    return last_val
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # Hydra prints escaping exceptions as tracebacks; expected mistakes get one line.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

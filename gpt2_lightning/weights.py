@@ -1,0 +1,320 @@
+"""The official OpenAI GPT-2 weights: download, load and export in the Hugging Face layout.
+
+OpenAI's checkpoints live on the Hugging Face hub as `openai-community/gpt2` (and -medium, -large,
+-xl): a config.json and a model.safetensors written by transformers' GPT2LMHeadModel. Its names
+differ from ours and its linear layers are Conv1D modules that store weights as (in, out), the
+transpose of nn.Linear's (out, in); this module maps one layout onto the other, both ways.
+
+    python -m gpt2_lightning.weights download 124M        # fetch into the hub cache, print the path
+    python -m gpt2_lightning.weights export <ckpt> <dir>  # a Lightning checkpoint as an HF folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+from safetensors.torch import load_file, save_file
+
+from gpt2_lightning.model import ALIASES, GPT, GPTConfig
+
+# The official sizes (no "tiny": it has no released weights) and the hub repository of each.
+REPOS = {
+    "124M": "openai-community/gpt2",
+    "355M": "openai-community/gpt2-medium",
+    "774M": "openai-community/gpt2-large",
+    "1558M": "openai-community/gpt2-xl",
+}
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+EOS_ID = 50256  # <|endoftext|>, GPT-2's only special token
+LAYER_NORM_EPS = 1e-5  # our LayerNorm's, fixed: a config asking for another cannot be matched
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be fetched, read or mapped onto our model."""
+
+
+def official_sizes() -> list[str]:
+    """Every name load_pretrained downloads: the sizes, then their Hugging Face aliases."""
+    return [*REPOS, *ALIASES]
+
+
+def repo_id(size: str) -> str:
+    """The hub repository holding an official size ('124M' or an alias such as 'gpt2')."""
+    size = ALIASES.get(size, size)
+    if size not in REPOS:
+        raise ValueError(
+            f"unknown model size {size!r}: valid sizes are {', '.join(official_sizes())}"
+        )
+    return REPOS[size]
+
+
+def download(size: str) -> Path:
+    """Fetch an official size into the Hugging Face cache; the folder holding its two files."""
+    repo = repo_id(size)
+    try:
+        hf_hub_download(repo, CONFIG_FILE)
+        return Path(hf_hub_download(repo, WEIGHTS_FILE)).parent
+    except OSError as error:  # the hub's connection, offline and HTTP errors are all OSErrors
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            reason = "the hub cannot be reached and the files are not in the local cache"
+        else:
+            reason = _first_line(error)
+        raise WeightsError(
+            f"cannot download {repo} from the Hugging Face hub ({reason}): on a machine with "
+            f"internet run `python -m gpt2_lightning.weights download {size}`, or pass a local "
+            f"folder holding {CONFIG_FILE} and {WEIGHTS_FILE} instead of the size name"
+        ) from error
+
+
+def load_pretrained(name_or_path: str | Path) -> GPT:
+    """A GPT holding official weights, by size name ('124M', 'gpt2', ...) or HF-format folder."""
+    path = Path(name_or_path)
+    if path.is_dir():  # as in transformers, an existing folder wins over a size of the same name
+        return load_folder(path)
+    if str(name_or_path) in official_sizes():
+        return load_folder(download(str(name_or_path)))
+    raise ValueError(
+        f"{str(name_or_path)!r} is neither an official size nor an existing folder: valid sizes "
+        f"are {', '.join(official_sizes())}, or pass a folder holding {CONFIG_FILE} and "
+        f"{WEIGHTS_FILE}"
+    )
+
+
+def load_folder(folder: str | Path) -> GPT:
+    """A GPT from a Hugging Face GPT-2 folder: config.json plus model.safetensors (or .bin)."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise WeightsError(f"{folder} has no {CONFIG_FILE}: not a Hugging Face model folder")
+    cfg = config_from_hf(json.loads(config_path.read_text()))
+    if (folder / WEIGHTS_FILE).is_file():
+        hf_state = load_file(folder / WEIGHTS_FILE)
+    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
+        hf_state = torch.load(folder / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    else:
+        raise WeightsError(f"{folder} holds neither {WEIGHTS_FILE} nor {LEGACY_WEIGHTS_FILE}")
+    state = state_from_hf(hf_state, cfg.num_layers)
+    # Built on the meta device: random init of what is overwritten at once would cost seconds
+    # for the large sizes; assign=True then adopts the loaded tensors as the parameters.
+    with torch.device("meta"):
+        model = GPT(cfg)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as error:  # shapes that disagree with config.json
+        raise WeightsError(f"{folder}: {_first_line(error)}") from error
+    model.lm_head.weight = model.tok_emb.weight  # assign gave each name its own Parameter: re-tie
+    return model
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """Our GPTConfig for a transformers GPT2Config dict; refuses what GPT-2 as we build it lacks."""
+    eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    checks = {
+        "model_type": (hf.get("model_type", "gpt2") == "gpt2", "gpt2"),
+        "activation_function": (
+            hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+            "gelu_new (GELU, tanh form)",
+        ),
+        "layer_norm_epsilon": (math.isclose(eps, LAYER_NORM_EPS), LAYER_NORM_EPS),
+        "n_inner": (hf.get("n_inner") in (None, 4 * hf.get("n_embd", 0)), "null or 4 * n_embd"),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), True),
+        "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx"), False),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), True),
+    }
+    for key, (ok, expected) in checks.items():
+        if not ok:
+            raise WeightsError(
+                f"config.json has {key}={hf.get(key)!r}: only {expected} is supported"
+            )
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"],
+            context_length=hf["n_positions"],
+            emb_dim=hf["n_embd"],
+            num_layers=hf["n_layer"],
+            num_heads=hf["n_head"],
+            dropout=0.0,  # the released weights are for inference; training sets its own
+        )
+    except KeyError as error:
+        raise WeightsError(f"config.json lacks {error.args[0]!r}") from error
+
+
+def config_to_hf(cfg: GPTConfig) -> dict:
+    """A transformers GPT2Config dict (config.json) describing cfg."""
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        # <|endoftext|> when the vocabulary has it; transformers warns about an id out of range.
+        "bos_token_id": EOS_ID if cfg.vocab_size > EOS_ID else None,
+        "eos_token_id": EOS_ID if cfg.vocab_size > EOS_ID else None,
+        "tie_word_embeddings": True,
+    }
+
+
+def name_map(num_layers: int) -> dict[str, tuple[str, bool]]:
+    """Our parameter name -> (its Hugging Face name without 'transformer.', transposed?)."""
+    names = {
+        "tok_emb.weight": ("wte.weight", False),
+        "pos_emb.weight": ("wpe.weight", False),
+        "final_norm.weight": ("ln_f.weight", False),
+        "final_norm.bias": ("ln_f.bias", False),
+    }
+    layer_parts = {
+        "norm1": ("ln_1", False),
+        "attn.qkv": ("attn.c_attn", True),
+        "attn.out_proj": ("attn.c_proj", True),
+        "norm2": ("ln_2", False),
+        "ff.fc": ("mlp.c_fc", True),
+        "ff.proj": ("mlp.c_proj", True),
+    }
+    for layer in range(num_layers):
+        for ours, (theirs, is_conv1d) in layer_parts.items():
+            names[f"blocks.{layer}.{ours}.weight"] = (f"h.{layer}.{theirs}.weight", is_conv1d)
+            names[f"blocks.{layer}.{ours}.bias"] = (f"h.{layer}.{theirs}.bias", False)
+    return names
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Our state dict from a Hugging Face GPT-2 one (with or without the 'transformer.' prefix)."""
+    prefix = "transformer."
+    hf_state = {k.removeprefix(prefix): v for k, v in hf_state.items()}
+    # attn.bias / attn.masked_bias are causal-mask buffers of old transformers versions, and
+    # lm_head.weight is the tied copy of wte: none of them carries a weight of its own.
+    ignored = {k for k in hf_state if k.endswith(("attn.bias", "attn.masked_bias"))}
+    ignored.add("lm_head.weight")
+    names = name_map(num_layers)
+    missing = [theirs for theirs, _ in names.values() if theirs not in hf_state]
+    unexpected = sorted(hf_state.keys() - ignored - {theirs for theirs, _ in names.values()})
+    if missing or unexpected:
+        raise WeightsError(
+            f"the weights do not fit a {num_layers}-layer GPT-2: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    state = {}
+    for ours, (theirs, is_conv1d) in names.items():
+        # float32 whatever the file holds: the dtype training and the KV cache start from.
+        tensor = hf_state[theirs].float()
+        state[ours] = tensor.t().contiguous() if is_conv1d else tensor
+    state["lm_head.weight"] = state["tok_emb.weight"]
+    return state
+
+
+def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """The Hugging Face GPT2LMHeadModel state dict of our model (the tied lm_head left out)."""
+    state = model.state_dict()
+    hf_state = {}
+    for ours, (theirs, is_conv1d) in name_map(model.cfg.num_layers).items():
+        tensor = state[ours].detach().cpu()
+        hf_state[f"transformer.{theirs}"] = (tensor.t() if is_conv1d else tensor).contiguous()
+    return hf_state
+
+
+def save_pretrained(model: GPT, directory: str | Path) -> None:
+    """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
+    cfg = model.cfg
+    if cfg.norm != "layernorm":
+        raise ValueError(
+            f"norm={cfg.norm!r} cannot be exported: the GPT-2 format has LayerNorm only"
+        )
+    if not cfg.qkv_bias:
+        raise ValueError("qkv_bias=False cannot be exported: GPT-2's c_attn always has a bias")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target and renamed into place, so a crash never leaves half a folder.
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (staging / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+        save_file(state_to_hf(model), staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        if directory.exists():
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                os.replace(staging / name, directory / name)
+        else:
+            staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path) -> GPT:
+    """The model from a Lightning checkpoint written by training, with one clear error if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return GPT.from_checkpoint(path)
+    except (KeyError, TypeError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+        if isinstance(error, pickle.UnpicklingError):
+            # Its own message is a paragraph about weights_only, which is not the point here.
+            reason = "not a PyTorch file"
+        raise WeightsError(
+            f"{str(path)!r} is not a checkpoint written by gpt2_lightning.train ({reason})"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().split("\n", 1)[0] or type(error).__name__
+
+
+def _export(checkpoint: str, directory: str, force: bool) -> None:
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise WeightsError(f"{directory!r} is a file: pass a folder to write")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise WeightsError(f"{directory!r} exists and is not empty: choose another or add --force")
+    save_pretrained(load_checkpoint(checkpoint), target)
+    print(target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gpt2_lightning.weights download <size> | export <ckpt> <dir> [--force]`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2_lightning.weights",
+        description="Official GPT-2 weights: download them, or export a checkpoint as them.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("download", help="fetch an official size, print its cache folder")
+    fetch.add_argument("size", help=", ".join(official_sizes()))
+    export = commands.add_parser("export", help="write a Lightning checkpoint as an HF folder")
+    export.add_argument("checkpoint", help="a .ckpt written by gpt2_lightning.train")
+    export.add_argument("directory", help="the Hugging Face folder to write")
+    export.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "download":
+            print(download(args.size))
+        else:
+            _export(args.checkpoint, args.directory, args.force)
+    except (ValueError, OSError, WeightsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

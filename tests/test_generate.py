@@ -1,0 +1,290 @@
+"""generate() / stream(): sampling controls, KV cache, batches, EOS, and the generate command."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gpt2_lightning import GPT, GPTConfig, KVCache, get_tokenizer
+from gpt2_lightning.generate import generate, stream
+
+CONTEXT = 32
+PROMPTS = torch.tensor([[5, 17, 42, 8, 61], [70, 3, 3, 29, 11]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # Models this small are all synchronisation with two threads, which costs ~50x when another
+    # process holds the second core; one thread is fast under any load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=96, context_length=CONTEXT, emb_dim=32, num_layers=2, num_heads=2)
+    model = GPT(cfg).eval()
+    # Larger weights than GPT-2's init: a fresh model greedily repeats one token forever, which
+    # would make "with cache == without cache" true for the wrong reason.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.5)
+    return model
+
+
+class FixedLogits(nn.Module):
+    """Stands in for GPT: the same next-token distribution at every position."""
+
+    def __init__(self, probs: list[float]):
+        super().__init__()
+        self.cfg = GPTConfig(
+            vocab_size=len(probs), context_length=16, emb_dim=4, num_layers=1, num_heads=1
+        )
+        self.logits = nn.Parameter(torch.tensor(probs).log())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if kv_cache is not None:
+            kv_cache.length += idx.size(1)
+        return self.logits.expand(*idx.shape, -1)
+
+
+class Counter(FixedLogits):
+    """Stands in for GPT: the next token is always the last one plus 1 (mod vocab_size)."""
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        super().forward(idx, kv_cache)
+        return 10.0 * nn.functional.one_hot((idx + 1) % self.cfg.vocab_size, self.cfg.vocab_size)
+
+
+PROBS = [0.35, 0.25, 0.2, 0.1, 0.06, 0.04]
+
+
+def draw(top_k: int | None = None, top_p: float | None = None, n: int = 4000) -> torch.Tensor:
+    """n independent samples (one new token for each of n one-token prompts) from PROBS."""
+    stub = FixedLogits(PROBS)
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.zeros(n, 1, dtype=torch.long)
+    return generate(stub, prompts, 1, top_k=top_k, top_p=top_p, generator=generator)[:, 1]
+
+
+def test_greedy_with_cache_equals_without_past_context_length(model: GPT) -> None:
+    cached = generate(model, PROMPTS, 100, temperature=0)
+    recomputed = generate(model, PROMPTS, 100, temperature=0, use_cache=False)
+    assert cached.shape == (2, 105)  # 105 > CONTEXT: the last 73 steps slide the window
+    assert torch.equal(cached[:, :5], PROMPTS)
+    assert torch.equal(cached, recomputed)
+    assert len(set(cached[0, CONTEXT:].tolist())) > 10  # varied text, not one repeated token
+
+
+def test_top_k_1_equals_greedy(model: GPT) -> None:
+    greedy = generate(model, PROMPTS, 40, temperature=0)
+    generator = torch.Generator().manual_seed(1)
+    top1 = generate(model, PROMPTS, 40, temperature=1.5, top_k=1, generator=generator)
+    assert torch.equal(top1, greedy)
+
+
+def test_top_p_samples_only_inside_the_nucleus() -> None:
+    tokens = draw(top_p=0.5)  # 0.35 < 0.5 <= 0.35 + 0.25: the nucleus is tokens {0, 1}
+    assert set(tokens.tolist()) == {0, 1}
+    assert (tokens == 0).float().mean().item() == pytest.approx(0.35 / 0.6, abs=0.04)
+
+
+def test_top_k_samples_only_the_k_best() -> None:
+    tokens = draw(top_k=3)
+    assert set(tokens.tolist()) == {0, 1, 2}
+    assert (tokens == 2).float().mean().item() == pytest.approx(0.2 / 0.8, abs=0.04)
+
+
+def test_plain_sampling_follows_the_distribution() -> None:
+    tokens = draw(top_p=1.0)
+    frequencies = torch.bincount(tokens, minlength=len(PROBS)).float() / len(tokens)
+    assert torch.allclose(frequencies, torch.tensor(PROBS), atol=0.03)
+
+
+def test_same_seed_same_ids_other_seed_other_ids(model: GPT) -> None:
+    def sample(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return generate(model, PROMPTS, 20, temperature=1.0, top_p=0.95, generator=generator)
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+
+
+def test_eos_stops_each_row_and_pads_it() -> None:
+    counter = Counter([1.0] * 8)
+    out = generate(counter, torch.tensor([[1], [4]]), 20, temperature=0, eos_id=6)
+    # Row 1 reaches EOS after 2 tokens and is padded; row 0 after 5, which ends the run.
+    assert out.tolist() == [[1, 2, 3, 4, 5, 6], [4, 5, 6, 6, 6, 6]]
+    assert list(stream(counter, torch.tensor([[4]]), 20, temperature=0, eos_id=6)) == [5, 6]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batch_gives_each_prompt_its_own_ids(model: GPT, use_cache: bool) -> None:
+    prompts = [[3, 4, 5], [1, 2, 3, 4, 5, 6, 7], [90, 8, 7, 6, 5]]
+    width = max(map(len, prompts))
+    padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    # 40 new tokens: past context_length for every row, so the sliding window is masked too
+    batch = generate(model, padded, 40, temperature=0, use_cache=use_cache, attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, torch.tensor([prompt]), 40, temperature=0, use_cache=use_cache)
+        assert batch[row, width:].tolist() == alone[0, len(prompt) :].tolist()
+
+
+def test_stream_yields_what_generate_returns(model: GPT) -> None:
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(3)
+
+    expected = generate(model, PROMPTS, 40, top_k=20, generator=seeded())
+    one = list(stream(model, PROMPTS[:1], 40, top_k=20, generator=seeded()))
+    assert all(isinstance(token, int) for token in one)
+    assert one == generate(model, PROMPTS[:1], 40, top_k=20, generator=seeded())[0, 5:].tolist()
+    rows = list(stream(model, PROMPTS, 40, top_k=20, generator=seeded()))
+    assert torch.equal(torch.stack(rows, dim=1), expected[:, 5:])
+
+
+def test_generate_restores_training_mode_and_keeps_the_prompt(model: GPT) -> None:
+    model.train()
+    try:
+        out = generate(model, PROMPTS, 0)
+        assert model.training
+        assert torch.equal(out, PROMPTS)
+        generate(model, PROMPTS, 3)
+        assert model.training
+    finally:
+        model.eval()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(temperature=-0.5), "temperature=-0.5"),
+        (dict(top_k=0), "top_k=0"),
+        (dict(max_new_tokens=-1), "max_new_tokens=-1"),
+    ],
+)
+def test_invalid_arguments_raise_naming_the_value(model: GPT, arguments: dict, named: str) -> None:
+    arguments = {"max_new_tokens": 5, **arguments}
+    with pytest.raises(ValueError, match=re.escape(named)):
+        generate(model, PROMPTS, **arguments)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        stream(model, PROMPTS, **arguments)  # at the call, not at the first token
+
+
+def test_top_p_error_says_what_is_valid(model: GPT) -> None:
+    with pytest.raises(ValueError, match=re.escape("top_p=1.5 is invalid: must be in (0, 1]")):
+        generate(model, PROMPTS, 5, top_p=1.5)
+
+
+# The command line, run for real in a subprocess.
+
+
+def run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",  # the download fails at once, as on a machine without network
+        "HF_HOME": str(cwd / "hf_home"),
+        "PYTHONIOENCODING": "utf-8",
+        "OMP_NUM_THREADS": "1",  # as in one_thread above
+    }
+    command = [sys.executable, "-m", "gpt2_lightning.generate", *overrides]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=120
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_cli_rejects_bad_top_p_before_loading(tmp_path: Path) -> None:
+    # checkpoint=124M is not in this offline cache: the error is about top_p, found first
+    result = run_cli(tmp_path, "top_p=1.5")
+    assert_one_line_error(result, "top_p=1.5", "(0, 1]")
+
+
+def test_cli_rejects_unknown_checkpoint(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.ckpt"
+    result = run_cli(tmp_path, f"checkpoint={missing}")
+    assert_one_line_error(result, f"checkpoint='{missing}'", "124M")
+
+
+def test_cli_explains_offline_download_failure(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "checkpoint=gpt2")
+    assert_one_line_error(result, "openai-community/gpt2", "download gpt2", "local folder")
+
+
+def save_lightning_checkpoint(model: GPT, path: Path) -> None:
+    """The layout gpt2_lightning.train writes: hyperparameters plus the module's state dict."""
+    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    torch.save({"hyper_parameters": {"model": model.cfg.to_dict()}, "state_dict": state}, path)
+
+
+@pytest.mark.parametrize("source", ["lightning", "huggingface"])
+def test_cli_streams_the_seeded_sample(tmp_path: Path, source: str) -> None:
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, num_layers=1, num_heads=2)
+    )
+    if source == "lightning":
+        checkpoint = tmp_path / "tiny.ckpt"
+        save_lightning_checkpoint(model, checkpoint)
+    else:
+        checkpoint = tmp_path / "tiny-hf"
+        model.save_pretrained(checkpoint)
+    before = set(tmp_path.iterdir())
+    prompt = "Café au lait"  # multi-byte characters survive the round trip
+    result = run_cli(
+        tmp_path,
+        f"checkpoint={checkpoint}",
+        f"prompt='{prompt}'",
+        "max_new_tokens=12",
+        "seed=5",
+        "top_k=40",
+        "top_p=0.9",
+    )
+    assert result.returncode == 0, result.stderr
+    tokenizer = get_tokenizer()
+    generator = torch.Generator().manual_seed(5)
+    idx = torch.tensor([tokenizer.encode(prompt)])
+    new = generate(model, idx, 12, top_k=40, top_p=0.9, eos_id=50256, generator=generator)
+    new_ids = [token for token in new[0, idx.size(1) :].tolist() if token != 50256]
+    assert result.stdout == prompt + tokenizer.decode(new_ids) + "\n"
+    assert len(result.stdout) > len(prompt) + 1
+    # no outputs/ run folder, no .hydra/, no log file
+    assert set(tmp_path.iterdir()) - {tmp_path / "hf_home"} == before
+
+
+def test_greedy_temperature_is_exactly_argmax() -> None:
+    stub = FixedLogits(PROBS)
+    out = generate(stub, torch.zeros(3, 2, dtype=torch.long), 4, temperature=0)
+    assert out[:, 2:].tolist() == [[0] * 4] * 3

@@ -1,0 +1,265 @@
+"""Official weights: loading Hugging Face GPT-2 folders, exporting to them, downloading them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from gpt2_lightning import GPT, GPTConfig, weights
+from gpt2_lightning.weights import WeightsError, load_pretrained, save_pretrained
+
+# Odd sizes, so that a transposed or swapped matrix cannot go unnoticed.
+VOCAB, CONTEXT = 1000, 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    # Models this small are all synchronisation with two threads, which costs ~50x when another
+    # process holds the second core; one thread is fast under any load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_model() -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=48,
+        n_layer=3,
+        n_head=3,
+        n_positions=CONTEXT,
+        vocab_size=VOCAB,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(hf_model: transformers.GPT2LMHeadModel, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
+    hf_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def idx() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, CONTEXT), generator=torch.Generator().manual_seed(1))
+
+
+def max_diff(ours: GPT, theirs: transformers.GPT2LMHeadModel, idx: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (ours.eval()(idx) - theirs.eval()(idx).logits).abs().max().item()
+
+
+def test_hf_folder_loads_with_the_same_logits(hf_model, hf_folder: Path, idx) -> None:
+    model = GPT.from_pretrained(hf_folder)
+    assert model.cfg == GPTConfig(
+        vocab_size=VOCAB, context_length=CONTEXT, emb_dim=48, num_layers=3, num_heads=3, dropout=0.0
+    )
+    assert model.lm_head.weight is model.tok_emb.weight  # still tied after loading
+    assert model.num_parameters() == hf_model.num_parameters()
+    assert max_diff(model, hf_model, idx) < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "no transformer. prefix"])
+def test_other_hf_layouts_load(hf_model, idx, tmp_path: Path, layout: str) -> None:
+    if layout == "pytorch_model.bin":
+        hf_model.config.save_pretrained(tmp_path)
+        # 'transformer.' names, lm_head.weight, and the causal-mask buffers older transformers
+        # versions saved (the official .bin files have them): all but the weights are ignored
+        state = dict(hf_model.state_dict())
+        for layer in range(3):
+            state[f"transformer.h.{layer}.attn.bias"] = torch.ones(1, 1, CONTEXT, CONTEXT).tril()
+            state[f"transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    else:
+        hf_model.transformer.save_pretrained(tmp_path)  # GPT2Model: 'wte.weight', 'h.0...'
+    assert max_diff(load_pretrained(tmp_path), hf_model, idx) < 1e-4
+
+
+def test_save_pretrained_loads_in_transformers(idx, tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = GPT(
+        GPTConfig(vocab_size=VOCAB, context_length=CONTEXT, emb_dim=48, num_layers=3, num_heads=3)
+    )
+    save_pretrained(model, tmp_path / "export")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"] and config["tie_word_embeddings"]
+    hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(
+        tmp_path / "export", output_loading_info=True, attn_implementation="eager"
+    )
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set()
+    assert max_diff(model, hf_model, idx) < 1e-4
+
+
+def test_save_pretrained_leaves_nothing_behind_on_failure(tmp_path, monkeypatch) -> None:
+    def fail(*args, **kwargs) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(weights, "save_file", fail)
+    model = GPT(GPTConfig(vocab_size=VOCAB, context_length=8, emb_dim=8, num_layers=1, num_heads=1))
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(model, tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a staging folder
+
+
+def test_rmsnorm_cannot_be_exported(tmp_path: Path) -> None:
+    model = GPT(
+        GPTConfig(
+            vocab_size=VOCAB, context_length=8, emb_dim=8, num_layers=1, num_heads=1, norm="rmsnorm"
+        )
+    )
+    with pytest.raises(ValueError, match="norm='rmsnorm' cannot be exported"):
+        model.save_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def run_offline(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command as on a machine without network: any download fails at once."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(cwd / "hf_home"),
+        "OMP_NUM_THREADS": "1",  # as in one_thread above
+    }
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def run_weights_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_offline([sys.executable, "-m", "gpt2_lightning.weights", *args], cwd)
+
+
+def test_export_cli_writes_a_folder_with_the_same_model(idx, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = GPT(
+        GPTConfig(vocab_size=VOCAB, context_length=CONTEXT, emb_dim=48, num_layers=3, num_heads=3)
+    )
+    # the layout the training module's checkpoints have
+    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    checkpoint = {"hyper_parameters": {"model": model.cfg.to_dict()}, "state_dict": state}
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+
+    result = run_weights_cli("export", "last.ckpt", "exported", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    loaded = load_pretrained(tmp_path / "exported")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    with torch.no_grad():
+        assert (loaded(idx) - model(idx)).abs().max().item() < 1e-6
+
+    again = run_weights_cli("export", "last.ckpt", "exported", cwd=tmp_path)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines() == [
+        "error: 'exported' exists and is not empty: choose another or add --force"
+    ]
+    forced = run_weights_cli("export", "last.ckpt", "exported", "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.hf_hub_download, serving files from a local folder."""
+
+    def __init__(self, folder: Path, error: Exception | None = None):
+        self.folder, self.error, self.calls = folder, error, []
+
+    def __call__(self, repo_id: str, filename: str, **kwargs) -> str:
+        self.calls.append((repo_id, filename))
+        if self.error is not None:
+            raise self.error
+        return str(self.folder / filename)
+
+
+@pytest.mark.parametrize(
+    ("name", "repo"),
+    [
+        ("124M", "openai-community/gpt2"),
+        ("gpt2-medium", "openai-community/gpt2-medium"),
+        ("1558M", "openai-community/gpt2-xl"),
+    ],
+)
+def test_size_names_download_their_repository(
+    hf_model, hf_folder, idx, monkeypatch, name: str, repo: str
+) -> None:
+    hub = FakeHub(hf_folder)  # the same tiny model stands in for every size
+    monkeypatch.setattr(weights, "hf_hub_download", hub)
+    model = GPT.from_pretrained(name)
+    assert hub.calls == [(repo, "config.json"), (repo, "model.safetensors")]
+    assert max_diff(model, hf_model, idx) < 1e-4
+
+
+def test_offline_download_names_the_repository(hf_folder, monkeypatch) -> None:
+    offline = LocalEntryNotFoundError("cannot find the requested files in the local cache")
+    monkeypatch.setattr(weights, "hf_hub_download", FakeHub(hf_folder, offline))
+    with pytest.raises(WeightsError) as raised:
+        GPT.from_pretrained("124M")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "cannot download openai-community/gpt2 from the Hugging Face hub" in message
+    assert "python -m gpt2_lightning.weights download 124M" in message
+    assert "local folder" in message
+
+
+def test_download_cli_offline_prints_one_line(tmp_path: Path) -> None:
+    result = run_weights_cli("download", "355M", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot download openai-community/gpt2-medium")
+
+
+def test_unknown_name_lists_the_sizes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'gpt5' is neither .* valid sizes are 124M, 355M"):
+        load_pretrained("gpt5")
+    with pytest.raises(WeightsError, match="has no config.json"):
+        load_pretrained(tmp_path)
+
+
+def test_config_that_our_model_cannot_match_is_refused(hf_folder, tmp_path: Path) -> None:
+    config = json.loads((hf_folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    with pytest.raises(WeightsError, match="activation_function='relu'"):
+        load_pretrained(tmp_path)
+
+
+def run_example(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    example = Path(__file__).resolve().parents[1] / "examples" / "pretrained_generate.py"
+    return run_offline([sys.executable, str(example), *args], cwd)
+
+
+def test_pretrained_example_offline_says_how_to_get_the_weights(tmp_path: Path) -> None:
+    result = run_example(cwd=tmp_path)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "python -m gpt2_lightning.weights download 124M" in line
+    assert "local Hugging Face GPT-2 folder" in line
+
+
+def test_pretrained_example_generates_from_a_local_folder(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    model = GPT(
+        GPTConfig(vocab_size=50257, context_length=64, emb_dim=16, num_layers=1, num_heads=2)
+    )
+    model.save_pretrained(tmp_path / "gpt2-local")
+    result = run_example(str(tmp_path / "gpt2-local"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello, I'm a language model,")
+    assert len(result.stdout) > len("Hello, I'm a language model,") + 10
