@@ -1,0 +1,61 @@
+"""Shared helpers: run the real command lines in a subprocess, with tiny shapes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model and run small enough that a CLI test takes seconds on 2 CPU cores.
+TINY_RUN = [
+    "model.emb_dim=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.context_length=32",
+    "data.batch_size=4",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "sample.max_new_tokens=8",
+]
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    """One token cache for the whole session, so the embedded corpus is tokenized once."""
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def run_module(
+    module: str, *args: str, cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a subprocess; returns the finished process (text output)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def run_train(tmp_path, token_cache):
+    """Run `python -m gpt2_lightning.train` with TINY_RUN into tmp_path/run (plus overrides)."""
+
+    def run(*overrides: str, run_dir: Path | None = None) -> subprocess.CompletedProcess:
+        run_dir = run_dir or tmp_path / "run"
+        args = [*TINY_RUN, f"data.cache_dir={token_cache}", f"hydra.run.dir={run_dir}", *overrides]
+        return run_module("gpt2_lightning.train", *args, cwd=tmp_path)
+
+    return run
