@@ -134,9 +134,32 @@ class LastCheckpoint(ModelCheckpoint):
     run, so a run that stops between two validations would leave an older last.ckpt behind.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._saving_at_train_end = False
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._saving_at_train_end = True
+            try:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            finally:
+                self._saving_at_train_end = False
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # When max_steps stops a run mid-epoch, the fit loop has already counted that epoch as
+        # completed by the time on_train_end runs; a run resumed from such a checkpoint would
+        # number its epochs one too high (and a DistributedSampler would shuffle by the wrong
+        # epoch). Record the epoch as still in progress, as a mid-epoch checkpoint says.
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if self._saving_at_train_end and batches_done < trainer.num_training_batches:
+            progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+            for counts in (progress["total"], progress["current"]):
+                counts["completed"] -= 1
+                counts["processed"] -= 1
+            checkpoint["epoch"] -= 1
 
 
 class ProgressBar(TQDMProgressBar):

@@ -122,8 +122,12 @@ class GPTLightningModule(L.LightningModule):
         # are left alone, as in GPT-2 and nanoGPT.
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": opt["weight_decay"]},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {
+                "name": "decay",  # LearningRateMonitor logs lr-AdamW/<name>
+                "params": [p for p in params if p.dim() >= 2],
+                "weight_decay": opt["weight_decay"],
+            },
+            {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(

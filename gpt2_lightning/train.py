@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -87,15 +88,27 @@ def train(cfg: DictConfig) -> float:
     return last_val
 
 
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, OmegaConfBaseException)
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The config mistake behind error, or None for a bug."""
+    # instantiate wraps what a constructor raised (a bad data.path, model.num_heads, ...).
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error if isinstance(error, EXPECTED_ERRORS) else None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
-    except (ValueError, FileNotFoundError, OmegaConfBaseException) as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except (*EXPECTED_ERRORS, InstantiationException) as error:
+        cause = user_error(error)
+        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         # Hydra prints escaping exceptions as tracebacks; expected mistakes get one line.
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,0 +1,143 @@
+"""The main job: a real training run, its checkpoints and TensorBoard logs, and exact resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+from gpt2_lightning.data import TextDataModule
+from gpt2_lightning.model import GPT
+from gpt2_lightning.module import GPTLightningModule
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the run's TensorBoard logs, as {tag: {step: value}}."""
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def text_samples(run_dir: Path) -> list[str]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    return [e.tensor_proto.string_val[0].decode() for e in events.Tensors("sample/text_summary")]
+
+
+def test_cli_run_writes_checkpoint_tensorboard_and_summary(run_train, tmp_path):
+    result = run_train()
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert ckpt["hyper_parameters"]["model"]["emb_dim"] == 32
+    assert (run / ".hydra" / "config.yaml").is_file()
+
+    logged = scalars(run)
+    assert sorted(logged["train/loss"]) == [0, 1, 2, 3, 4, 5]  # every step
+    # Lightning logs at the number of optimizer steps taken before the batch: 0-based
+    assert sorted(logged["val/loss"]) == [0, 2, 5]  # before training, then every 3 steps
+    for step, loss in logged["val/loss"].items():
+        assert logged["val/ppl"][step] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert logged["val/loss"][0] == pytest.approx(math.log(50257), abs=0.3)
+    assert {"lr-AdamW/decay", "lr-AdamW/no_decay", "train/grad_norm"} <= set(logged)
+    assert len(text_samples(run)) == 3
+
+    assert "val loss:" in result.stdout and "last.ckpt" in result.stdout
+    assert "tensorboard --logdir" in result.stdout
+    model = GPT.from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert model.cfg.num_layers == 2
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """About 900 tokens: with 32-token windows and batch 4 an epoch is 5 batches."""
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex it".split()
+    lines = [
+        " ".join(words[(i * 7) % len(words) :] + words[: (i * 7) % len(words)]) for i in range(60)
+    ]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_exact_resume_matches_an_uninterrupted_run(run_train, tmp_path, small_corpus):
+    common = [
+        f"data.path={small_corpus}",
+        "model.dropout=0.1",  # dropout and shuffling both draw from the RNGs being restored
+        "scheduler.total_steps=16",
+        "scheduler.warmup_steps=2",
+    ]
+    straight = run_train(*common, "trainer.max_steps=16", run_dir=tmp_path / "straight")
+    first = run_train(*common, "trainer.max_steps=7", run_dir=tmp_path / "first")
+    assert straight.returncode == 0 and first.returncode == 0, straight.stderr + first.stderr
+    resumed = run_train(
+        *common,
+        "trainer.max_steps=16",
+        f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+        run_dir=tmp_path / "resumed",
+    )
+    assert resumed.returncode == 0, resumed.stderr
+
+    # An epoch is 6 batches: the resume point (step 7) is mid-epoch 1, steps 13-16 are epoch 2.
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 16
+    assert a["epoch"] == b["epoch"] == 2
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+
+    straight_losses = scalars(tmp_path / "straight")["train/loss"]
+    resumed_losses = scalars(tmp_path / "resumed")["train/loss"]
+    assert sorted(resumed_losses) == list(range(7, 16))  # 0-based: steps 8 to 16
+    assert {s: straight_losses[s] for s in resumed_losses} == resumed_losses
+    straight_val = scalars(tmp_path / "straight")["val/loss"]
+    resumed_val = scalars(tmp_path / "resumed")["val/loss"]
+    assert sorted(resumed_val) == [8, 11, 14]  # after batches 9, 12 and 15
+    assert {s: straight_val[s] for s in resumed_val} == resumed_val
+
+
+def test_sigterm_writes_last_checkpoint_at_the_step_reached(run_train, tmp_path):
+    result = run_train(
+        "trainer.max_steps=50",
+        "+callbacks.sigterm._target_=tests.signals.SigtermAt",
+        "+callbacks.sigterm.step=4",
+    )
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert "Traceback" not in result.stderr
+
+
+def test_loss_falls_when_overfitting_one_batch(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("Lightning trains the model; Hydra composes the config. " * 12)
+    L.seed_everything(0)
+    data = TextDataModule(path=str(path), context_length=16, batch_size=4, val_fraction=0.0)
+    data.cache_dir = str(tmp_path / "cache")
+    model = dict(vocab_size=50257, context_length=16, emb_dim=32, num_layers=2, num_heads=2)
+    module = GPTLightningModule(
+        model=model,
+        optimizer=dict(lr=3e-3, weight_decay=0.0, betas=[0.9, 0.95], eps=1e-8),
+        scheduler=dict(name="constant", warmup_steps=0),
+    )
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    before = module.loss(batch).item()
+    trainer = L.Trainer(
+        max_steps=60,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    one_batch = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
+    trainer.fit(module, train_dataloaders=one_batch)
+    after = module.loss(batch).item()
+    assert before > 10.0
+    assert after < 1.0
