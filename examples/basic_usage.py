@@ -1,4 +1,4 @@
-"""First steps with gpt2_lightning: build models, count parameters, tokenize, run a forward pass.
+"""First steps with gpt2_lightning: build models, count parameters, tokenize, run and generate.
 
     python examples/basic_usage.py
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gpt2_lightning import GPT, GPTConfig, get_tokenizer
+from gpt2_lightning import GPT, GPTConfig, generate, get_tokenizer
 
 SIZES = ("tiny", "124M")
 
@@ -52,12 +52,26 @@ def forward_pass(model: GPT, text: str) -> None:
     print(f"most likely next token: {next_id} {enc.decode([next_id])!r}")
 
 
+def generation(model: GPT, text: str) -> None:
+    print("== Generation (tiny, untrained: expect gibberish) ==")
+    enc = get_tokenizer()
+    idx = torch.tensor([enc.encode(text)])
+    greedy = generate(model, idx, max_new_tokens=8, temperature=0.0)  # always the top token
+    # A seeded generator makes sampling repeatable: same seed, same text.
+    generator = torch.Generator().manual_seed(0)
+    sampled = generate(model, idx, 8, temperature=0.8, top_k=50, top_p=0.95, generator=generator)
+    print(f"greedy new ids: {greedy[0, idx.size(1) :].tolist()}")
+    print(f"sampled new ids: {sampled[0, idx.size(1) :].tolist()}")
+    print(f"sampled text: {enc.decode(sampled[0].tolist())!r}")
+
+
 def main() -> None:
     torch.manual_seed(123)
     parameter_counts()
     tokenize("hello world")
     model = GPT(GPTConfig.from_name("tiny")).eval()
     forward_pass(model, "Every effort moves you")
+    generation(model, "Every effort moves you")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import codecs
 import math
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import hydra
 import torch
@@ -20,7 +19,7 @@ from omegaconf import DictConfig
 
 from gpt2_lightning.model import GPT, KVCache
 from gpt2_lightning.tokenizer import get_tokenizer
-from gpt2_lightning.weights import WeightsError, load_checkpoint, load_pretrained, official_sizes
+from gpt2_lightning.weights import WeightsError, load_weights
 
 
 def check_sampling(
@@ -243,19 +242,6 @@ def generate(
     return torch.cat([idx, *(token[:, None] for token in steps)], dim=1)
 
 
-def _load_model(checkpoint: str) -> GPT:
-    """A Lightning .ckpt file, a Hugging Face folder or an official size name."""
-    path = Path(checkpoint)
-    if path.is_file():
-        return load_checkpoint(path)
-    if path.is_dir() or checkpoint in official_sizes():
-        return load_pretrained(checkpoint)
-    raise ValueError(
-        f"checkpoint={checkpoint!r} is neither a file, a folder nor an official size: pass a "
-        f"Lightning .ckpt, a Hugging Face folder or one of {', '.join(official_sizes())}"
-    )
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -277,7 +263,7 @@ def _run(cfg: DictConfig) -> None:
     if seed is not None and not _is_integer(seed):
         raise ValueError(f"seed={seed!r} is invalid: must be an integer, or null for a random one")
     device = _device(str(cfg.device))
-    model = _load_model(str(cfg.checkpoint)).to(device)
+    model = load_weights(str(cfg.checkpoint), key="checkpoint").to(device)
 
     tokenizer = get_tokenizer()
     # An empty prompt starts after <|endoftext|>, where GPT-2 saw every document begin.

@@ -17,10 +17,11 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2_lightning.callbacks import sample_text
+from gpt2_lightning.weights import WeightsError, load_weights
 
 
 def keep_freed_memory() -> None:
@@ -63,8 +64,16 @@ def train(cfg: DictConfig) -> float:
         check_checkpoint(cfg.ckpt_path)
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
+    pretrained = None
+    if cfg.init_from and not cfg.ckpt_path:
+        # Fine-tuning: the architecture comes from the weights; only dropout stays ours.
+        pretrained = load_weights(str(cfg.init_from))
+        with open_dict(cfg):
+            cfg.model = {**pretrained.cfg.to_dict(), "dropout": cfg.model.dropout}
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
+    if pretrained is not None:
+        module.model.load_state_dict(pretrained.state_dict())
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
@@ -84,11 +93,11 @@ def train(cfg: DictConfig) -> float:
         print(f"steps:      {trainer.global_step} in {time.perf_counter() - start:.0f} s")
         print(f"val loss:   {since}{last_val:.3f}")
         print(f"checkpoint: {last_ckpt}")
-        print(f"tensorboard --logdir {Path(cfg.run_dir).parent}")
+        print(f"tensorboard --logdir {cfg.run_dir}")
     return last_val
 
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, OmegaConfBaseException)
+EXPECTED_ERRORS = (ValueError, OSError, WeightsError, OmegaConfBaseException)
 
 
 def user_error(error: BaseException) -> BaseException | None:

@@ -278,6 +278,19 @@ def load_checkpoint(path: str | Path) -> GPT:
         ) from error
 
 
+def load_weights(source: str, key: str = "init_from") -> GPT:
+    """A model from a Lightning .ckpt file, a Hugging Face folder or an official size name."""
+    path = Path(source)
+    if path.is_file():
+        return load_checkpoint(path)
+    if path.is_dir() or source in official_sizes():
+        return load_pretrained(source)
+    raise ValueError(
+        f"{key}={source!r} is neither a file, a folder nor an official size: pass a "
+        f"Lightning .ckpt, a Hugging Face folder or one of {', '.join(official_sizes())}"
+    )
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).strip().split("\n", 1)[0] or type(error).__name__
 

@@ -77,6 +77,13 @@ def test_basic_usage_prints_the_logits_shape(basic_usage):
     assert value_of(basic_usage, "logits shape") == "(1, 4, 50257)"
 
 
+def test_basic_usage_generates_eight_valid_new_ids(basic_usage):
+    for label in ("greedy new ids", "sampled new ids"):
+        ids = [int(i) for i in value_of(basic_usage, label).strip("[]").split(",")]
+        assert len(ids) == 8 and all(0 <= i < 50257 for i in ids)
+    assert value_of(basic_usage, "sampled text").startswith("'Every effort moves you")
+
+
 def test_attention_demo_prints_the_shapes(attention_demo):
     assert value_of(attention_demo, "token ids") == "[7120, 7002, 4940, 351, 530, 2239]"
     assert value_of(attention_demo, "embeddings x").startswith("(1, 6, 3)")
