@@ -71,6 +71,8 @@ class GPTLightningModule(L.LightningModule):
                 f"scheduler.total_steps={scheduler['total_steps']} is invalid: the cosine "
                 "schedule needs a positive horizon (set trainer.max_steps or scheduler.total_steps)"
             )
+        if optimizer["lr"] < 0:
+            raise ValueError(f"optimizer.lr={optimizer['lr']!r} is invalid: must be >= 0")
         self.save_hyperparameters()
         self.model = GPT(GPTConfig(**model))
         if compile:
@@ -135,7 +137,7 @@ class GPTLightningModule(L.LightningModule):
         )
         sched = self.hparams.scheduler
         if sched["name"] == "cosine":
-            min_ratio = sched["min_lr"] / opt["lr"]
+            min_ratio = sched["min_lr"] / opt["lr"] if opt["lr"] else 1.0
             factor = WarmupCosine(sched["warmup_steps"], sched["total_steps"], min_ratio)
         else:
             factor = Constant(sched["warmup_steps"])

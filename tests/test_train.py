@@ -141,3 +141,22 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
     after = module.loss(batch).item()
     assert before > 10.0
     assert after < 1.0
+
+
+def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_embd=48, n_layer=1, n_head=3, n_positions=24, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+    )
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    # lr 0: the run must end with exactly the weights it started from
+    result = run_train(f"init_from={tmp_path / 'hf'}", "optimizer.lr=0", "scheduler.min_lr=0")
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    model_cfg = ckpt["hyper_parameters"]["model"]
+    assert (model_cfg["emb_dim"], model_cfg["num_layers"], model_cfg["num_heads"]) == (48, 1, 3)
+    assert model_cfg["context_length"] == 24
+    expected = GPT.from_pretrained(tmp_path / "hf").state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(ckpt["state_dict"][f"model.{name}"], tensor), name
