@@ -1,0 +1,453 @@
+"""Token cache, sources, sliding windows and the data module, on small known texts."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_module
+from torch.utils.data import SequentialSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
+
+from gpt2_lightning.data import (
+    SlidingWindowDataset,
+    TextDataModule,
+    embedded_documents,
+    load_tokens,
+    source_files,
+    tokenize_to_cache,
+)
+from gpt2_lightning.tokenizer import get_tokenizer
+
+EOT = 50256
+
+# About 600 GPT-2 tokens of plain prose: enough for dozens of windows of 8 or 16 tokens.
+TEXT = "\n".join(
+    f"Line {i}: the quick brown fox jumps over the lazy dog, and the dog sleeps on."
+    for i in range(30)
+)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def cached_ids(path, cache_dir: Path) -> list[int]:
+    return load_tokens(tokenize_to_cache(path, cache_dir)).tolist()
+
+
+def window_starts(dataset: SlidingWindowDataset) -> list[int]:
+    """Where each window starts in dataset.tokens, read back from the windows themselves."""
+    return [int(dataset[i][0][0]) for i in range(len(dataset))]
+
+
+# --- SlidingWindowDataset ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stride", "starts"),
+    [
+        (4, [0, 4, 8, 12]),  # stride == context_length: windows do not overlap
+        (2, [0, 2, 4, 6, 8, 10, 12, 14]),  # overlap
+        (1, list(range(16))),
+        (5, [0, 5, 10, 15]),  # stride > context_length: tokens between windows are skipped
+    ],
+)
+def test_windows_start_stride_apart_and_the_last_one_fits(stride, starts):
+    tokens = np.arange(20, dtype=np.uint16)  # token value == position
+    dataset = SlidingWindowDataset(tokens, context_length=4, stride=stride)
+    assert len(dataset) == len(starts)
+    assert window_starts(dataset) == starts
+    # The last window ends inside the 20 tokens; one more would not.
+    assert starts[-1] + 4 + 1 <= 20 < starts[-1] + stride + 4 + 1
+
+
+def test_target_is_input_shifted_by_one():
+    dataset = SlidingWindowDataset(np.arange(20, dtype=np.uint16), context_length=4, stride=2)
+    x, y = dataset[3]
+    assert x.dtype == y.dtype == torch.int64
+    assert x.tolist() == [6, 7, 8, 9]
+    assert y.tolist() == [7, 8, 9, 10]
+    for i in range(len(dataset)):
+        x, y = dataset[i]
+        assert torch.equal(x[1:], y[:-1])
+        assert torch.equal(y, x + 1)
+
+
+def test_large_token_ids_survive_uint16():
+    tokens = np.array([50256, 50255, 0, 1, 40000], dtype=np.uint16)
+    x, y = SlidingWindowDataset(tokens, context_length=4, stride=4)[0]
+    assert x.tolist() == [50256, 50255, 0, 1]
+    assert y.tolist() == [50255, 0, 1, 40000]
+
+
+@pytest.mark.parametrize(("num_tokens", "expected"), [(4, 0), (5, 1), (8, 1), (9, 2)])
+def test_window_count_at_the_edges(num_tokens, expected):
+    # A window needs context_length + 1 = 5 tokens.
+    dataset = SlidingWindowDataset(np.arange(num_tokens, dtype=np.uint16), 4, stride=4)
+    assert len(dataset) == expected
+
+
+def test_no_windows_in_an_empty_array():
+    assert len(SlidingWindowDataset(np.zeros(0, dtype=np.uint16), 4, stride=1)) == 0
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    """Nested *.txt files plus files that are not text sources."""
+    root = tmp_path / "corpus"
+    write(root / "b.txt", "Second document.")
+    write(root / "a" / "z.txt", "First document, in a subfolder.")
+    write(root / "a" / "deeper" / "c.txt", "Third, two levels down.")
+    write(root / "notes.md", "not a .txt file")
+    write(root / "a" / "table.csv", "x,y\n1,2\n")
+    return root
+
+
+def test_folder_is_searched_recursively_sorted_and_txt_only(corpus_dir):
+    files = source_files(corpus_dir)
+    assert [f.relative_to(corpus_dir).as_posix() for f in files] == [
+        "a/deeper/c.txt",
+        "a/z.txt",
+        "b.txt",
+    ]
+
+
+def test_glob_selects_files(corpus_dir):
+    assert [f.name for f in source_files(corpus_dir / "*.txt")] == ["b.txt"]
+    recursive = source_files(f"{corpus_dir}/**/*.txt")
+    assert [f.name for f in recursive] == ["c.txt", "z.txt", "b.txt"]
+    assert [f.name for f in source_files(corpus_dir / "*.md")] == ["notes.md"]
+
+
+def test_single_file_is_its_own_source(tmp_path):
+    file = write(tmp_path / "book.text", "any extension works for a named file")
+    assert source_files(file) == [file]
+
+
+def test_documents_are_joined_with_endoftext(tmp_path):
+    enc = get_tokenizer()
+    doc1 = "The first document ends here."
+    doc2 = "A second one, which starts fresh.\n"
+    write(tmp_path / "docs" / "1.txt", doc1)
+    write(tmp_path / "docs" / "2.txt", doc2)
+    ids = cached_ids(tmp_path / "docs", tmp_path / "cache")
+    assert ids == enc.encode_ordinary(doc1) + [EOT] + enc.encode_ordinary(doc2)
+    assert ids.count(EOT) == 1
+
+
+def test_folder_documents_follow_sorted_order(corpus_dir, tmp_path):
+    enc = get_tokenizer()
+    docs = [f.read_text() for f in source_files(corpus_dir)]
+    expected = enc.encode_ordinary(docs[0])
+    for doc in docs[1:]:
+        expected += [EOT] + enc.encode_ordinary(doc)
+    assert cached_ids(corpus_dir, tmp_path / "cache") == expected
+
+
+def test_endoftext_written_in_a_file_is_plain_text(tmp_path):
+    # Only the separator between files is the special id; the literal string is ordinary text.
+    file = write(tmp_path / "a.txt", "before <|endoftext|> after")
+    ids = cached_ids(file, tmp_path / "cache")
+    assert EOT not in ids
+    assert get_tokenizer().decode(ids) == "before <|endoftext|> after"
+
+
+# --- token cache ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def count_batches(monkeypatch):
+    """Counts calls of the tokenizer's batch encoder (the only way tokens are produced)."""
+    enc = get_tokenizer()
+    calls = []
+    original = enc.encode_ordinary_batch
+
+    def counting(batch, **kwargs):
+        calls.append(len(batch))
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(enc, "encode_ordinary_batch", counting)
+    return calls
+
+
+def test_cache_file_is_named_by_hash(tmp_path):
+    file = write(tmp_path / "a.txt", TEXT)
+    target = tokenize_to_cache(file, tmp_path / "cache")
+    assert target.parent == tmp_path / "cache"
+    assert re.fullmatch(r"[0-9a-f]{32}\.bin", target.name)
+    assert target.stat().st_size == 2 * len(get_tokenizer().encode_ordinary(TEXT))  # uint16
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [target.name]
+
+
+def test_second_call_reuses_the_cache(tmp_path, count_batches):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+    assert count_batches == [1]
+    stat = first.stat()
+    second = tokenize_to_cache(file, tmp_path / "cache")
+    assert second == first
+    assert count_batches == [1]  # not tokenized again
+    assert (second.stat().st_ino, second.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
+def test_cache_key_is_the_content_not_the_path(tmp_path, count_batches):
+    a = tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
+    b = tokenize_to_cache(write(tmp_path / "copy" / "b.txt", TEXT), tmp_path / "cache")
+    assert a == b
+    assert count_batches == [1]
+
+
+def test_changed_text_gets_a_new_cache_file(tmp_path):
+    enc = get_tokenizer()
+    file = write(tmp_path / "a.txt", TEXT)
+    old = tokenize_to_cache(file, tmp_path / "cache")
+    write(file, TEXT + " One more sentence.")
+    new = tokenize_to_cache(file, tmp_path / "cache")
+    assert new != old
+    assert old.exists()
+    assert load_tokens(new).tolist() == enc.encode_ordinary(TEXT + " One more sentence.")
+    assert load_tokens(old).tolist() == enc.encode_ordinary(TEXT)
+
+
+def test_no_temp_files_are_left_behind(tmp_path, corpus_dir):
+    tokenize_to_cache(corpus_dir, tmp_path / "cache")
+    tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
+    names = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert len(names) == 2
+    assert all(name.endswith(".bin") for name in names)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("tokenizer crashed"), KeyboardInterrupt()])
+def test_failure_mid_tokenization_leaves_nothing(tmp_path, corpus_dir, monkeypatch, error):
+    enc = get_tokenizer()
+    written = []
+
+    def fail_after_first(batch, **kwargs):
+        # The first document's ids reach the temp file before the failure.
+        written.append(enc.encode_ordinary(batch[0]))
+        yield written[-1]
+        raise error
+
+    monkeypatch.setattr(enc, "encode_ordinary_batch", fail_after_first)
+    cache = tmp_path / "cache"
+    with pytest.raises(type(error)):
+        tokenize_to_cache(corpus_dir, cache)
+    assert len(written) == 1 and written[0]
+    assert list(cache.iterdir()) == []
+
+
+def test_empty_file_caches_zero_tokens(tmp_path):
+    target = tokenize_to_cache(write(tmp_path / "empty.txt", ""), tmp_path / "cache")
+    assert target.stat().st_size == 0
+    assert len(load_tokens(target)) == 0
+
+
+# --- the embedded corpus -------------------------------------------------------------------------
+
+
+def test_embedded_corpus_is_cleaned_prose():
+    docs = embedded_documents()
+    assert 70 <= len(docs) <= 90  # one per topic of pydoc_data.topics (79 on Python 3.11)
+    for doc in docs:
+        assert doc.endswith("\n") and doc.strip()
+        assert "  " not in doc
+        assert "\n\n\n" not in doc
+        for line in doc.splitlines():
+            assert not (line and set(line) <= set("*=-~^")), line
+
+
+def test_embedded_corpus_has_over_100k_tokens(token_cache):
+    tokens = load_tokens(tokenize_to_cache(None, token_cache))
+    assert len(tokens) > 100_000
+    assert int(tokens.max()) == EOT
+    assert int((tokens == EOT).sum()) == len(embedded_documents()) - 1
+
+
+# --- TextDataModule ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    return write(tmp_path / "text.txt", TEXT)
+
+
+def setup_module_on(path, tmp_path, **kwargs) -> TextDataModule:
+    datamodule = TextDataModule(path=str(path), cache_dir=str(tmp_path / "cache"), **kwargs)
+    datamodule.setup("fit")
+    return datamodule
+
+
+@pytest.mark.parametrize("stride", [None, 3])
+def test_validation_is_the_last_tokens_and_shares_none_with_training(text_file, tmp_path, stride):
+    dm = setup_module_on(text_file, tmp_path, context_length=8, stride=stride, val_fraction=0.1)
+    tokens = load_tokens(tokenize_to_cache(text_file, tmp_path / "cache"))
+    n = len(tokens)
+    num_val = int(n * 0.1)
+    assert num_val > 9  # so the fraction, not the one-window minimum, sets the split
+    split = n - num_val
+    train, val = dm.train_set.tokens, dm.val_set.tokens
+    assert len(train) == split and len(val) == num_val
+    assert np.array_equal(train, tokens[:split])
+    assert np.array_equal(val, tokens[split:])
+    assert not np.shares_memory(train, val)
+    # Token positions covered by the windows, in the whole corpus.
+    step = stride or 8
+    train_positions = {
+        p for i in range(len(dm.train_set)) for p in range(i * step, i * step + 8 + 1)
+    }
+    val_positions = {
+        split + p for i in range(len(dm.val_set)) for p in range(i * step, i * step + 8 + 1)
+    }
+    assert max(train_positions) < split <= min(val_positions)
+    assert train_positions.isdisjoint(val_positions)
+    assert max(val_positions) < n
+
+
+def test_small_corpus_keeps_one_full_validation_window(tmp_path):
+    enc = get_tokenizer()
+    text = " ".join(["word"] * 60)
+    file = write(tmp_path / "small.txt", text)
+    n = len(enc.encode_ordinary(text))
+    dm = setup_module_on(file, tmp_path, context_length=8, batch_size=1, val_fraction=0.1)
+    assert int(n * 0.1) < 9
+    assert len(dm.val_set.tokens) == 9  # context_length + 1: one whole validation window
+    assert len(dm.val_set) == 1
+    assert len(dm.train_set.tokens) == n - 9
+
+
+def test_stride_defaults_to_context_length(text_file, tmp_path):
+    assert TextDataModule(path=str(text_file), context_length=16).stride == 16
+    dm = setup_module_on(text_file, tmp_path, context_length=16)
+    assert dm.train_set.stride == dm.val_set.stride == 16
+    assert window_starts(dm.train_set)[:3] == [
+        int(dm.train_set.tokens[0]),
+        int(dm.train_set.tokens[16]),
+        int(dm.train_set.tokens[32]),
+    ]
+    assert setup_module_on(text_file, tmp_path, context_length=16, stride=4).train_set.stride == 4
+
+
+def test_embedded_corpus_is_the_default(token_cache):
+    dm = TextDataModule(context_length=16, batch_size=2, cache_dir=str(token_cache))
+    dm.setup("fit")
+    total = len(load_tokens(tokenize_to_cache(None, token_cache)))
+    assert len(dm.train_set.tokens) + len(dm.val_set.tokens) == total
+    assert len(dm.val_set.tokens) == int(total * 0.1)
+
+
+def test_setup_twice_keeps_the_datasets(text_file, tmp_path):
+    dm = setup_module_on(text_file, tmp_path, context_length=8)
+    train = dm.train_set
+    dm.setup("validate")
+    assert dm.train_set is train
+
+
+def test_loaders(text_file, tmp_path):
+    dm = setup_module_on(text_file, tmp_path, context_length=8, batch_size=4)
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert isinstance(train, StatefulDataLoader) and isinstance(val, StatefulDataLoader)
+    assert isinstance(train.sampler, RandomSampler) and train.drop_last
+    assert isinstance(val.sampler, SequentialSampler) and not val.drop_last
+    assert len(train) == len(dm.train_set) // 4
+    assert len(val) == math.ceil(len(dm.val_set) / 4)
+    x, y = next(iter(val))
+    assert x.shape == y.shape == (4, 8)
+    assert torch.equal(x, torch.stack([dm.val_set[i][0] for i in range(4)]))
+    # Shuffled: one epoch's training windows are distinct windows of the set, not in set order.
+    torch.manual_seed(0)
+    first_tokens = [int(t) for x, _ in train for t in x[:, 0]]
+    assert len(first_tokens) == len(train) * 4
+    in_order = [int(dm.train_set[i][0][0]) for i in range(len(first_tokens))]
+    assert first_tokens != in_order
+
+
+def test_empty_file_is_refused(tmp_path):
+    file = write(tmp_path / "empty.txt", "")
+    with pytest.raises(ValueError, match=r"empty\.txt.*empty"):
+        setup_module_on(file, tmp_path, context_length=8)
+
+
+def test_corpus_shorter_than_one_window_is_refused(tmp_path):
+    file = write(tmp_path / "short.txt", "hello world")  # 2 tokens
+    with pytest.raises(ValueError, match=r"has 2 tokens, too few for one training window of 9"):
+        setup_module_on(file, tmp_path, context_length=8)
+
+
+def test_fewer_windows_than_a_batch_is_refused(tmp_path):
+    file = write(tmp_path / "short.txt", " ".join(["word"] * 60))
+    with pytest.raises(ValueError, match=r"data\.batch_size=32 is larger than the \d+ training"):
+        setup_module_on(file, tmp_path, context_length=8, batch_size=32)
+
+
+def test_missing_path_is_refused_with_its_name(tmp_path):
+    missing = tmp_path / "no_such_corpus.txt"
+    with pytest.raises(ValueError, match=re.escape(f"data.path={str(missing)!r} does not exist")):
+        TextDataModule(path=str(missing))
+
+
+def test_folder_without_txt_is_refused(tmp_path):
+    write(tmp_path / "docs" / "notes.md", "markdown, not .txt")
+    with pytest.raises(ValueError, match=r"is a folder that matches no text files \(\*\.txt\)"):
+        TextDataModule(path=str(tmp_path / "docs"))
+
+
+def test_glob_matching_nothing_is_refused(tmp_path):
+    pattern = str(tmp_path / "*.txt")
+    with pytest.raises(ValueError, match=re.escape(f"{pattern!r} is a glob that matches no")):
+        TextDataModule(path=pattern)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"val_fraction": 1.0}, "data.val_fraction=1.0 is invalid"),
+        ({"val_fraction": -0.1}, "data.val_fraction=-0.1 is invalid"),
+        ({"batch_size": 0}, "data.batch_size=0 is invalid"),
+        ({"context_length": 0}, "data.context_length=0 is invalid"),
+        ({"stride": 0}, "data.stride=0 is invalid"),
+    ],
+)
+def test_invalid_numbers_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TextDataModule(**kwargs)
+
+
+# --- python -m gpt2_lightning.data prepare -------------------------------------------------------
+
+
+def test_prepare_command_caches_and_reports_the_count(tmp_path):
+    file = write(tmp_path / "text.txt", TEXT)
+    cache = tmp_path / "cache"
+    result = run_module("gpt2_lightning.data", "prepare", str(file), "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    n = len(get_tokenizer().encode_ordinary(TEXT))
+    (target,) = cache.iterdir()
+    assert f"{n:,} tokens cached in {target}" in result.stdout
+    assert len(load_tokens(target)) == n
+    # The same cache file the training run will look up.
+    assert tokenize_to_cache(file, cache) == target
+
+
+def test_prepare_command_names_a_missing_path(tmp_path):
+    missing = tmp_path / "nowhere.txt"
+    result = run_module(
+        "gpt2_lightning.data", "prepare", str(missing), "--cache-dir", str(tmp_path)
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ")
+    assert str(missing) in lines[0]
+    assert list(tmp_path.iterdir()) == []  # no cache file, no temp file

@@ -1,0 +1,133 @@
+"""Bad input to `python -m gpt2_lightning.train`: one clear line, exit 1, nothing damaged.
+
+Every case fails before the first training step, so each run costs about the import of Lightning.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+from conftest import run_module
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line of a run that failed cleanly."""
+    assert result.returncode == 1, output(result)
+    assert "Traceback" not in output(result)
+    lines = [line for line in output(result).splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output(result)
+    return lines[0]
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.rglob("*.ckpt"))
+
+
+def test_unknown_model_size_lists_the_valid_ones(run_train, tmp_path):
+    result = run_train("model=7B")
+    assert result.returncode == 1
+    text = output(result)
+    assert "Traceback" not in text
+    assert "Could not find 'model/7B'" in text
+    options = text.split("Available options in 'model':")[1].split()
+    assert options[:5] == ["124M", "1558M", "355M", "774M", "tiny"]
+    assert not (tmp_path / "run").exists()  # nothing ran, no run folder
+
+
+def test_unknown_key_is_refused_by_hydra(run_train, tmp_path):
+    result = run_train("foo=1")
+    assert result.returncode == 1
+    text = output(result)
+    assert "Traceback" not in text
+    assert "Could not override 'foo'." in text
+    assert "To append to your config use +foo=1" in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_path(run_train, tmp_path):
+    missing = tmp_path / "no_such_corpus.txt"
+    line = error_line(run_train(f"data.path={missing}"))
+    assert f"data.path={str(missing)!r} does not exist" in line
+    assert "a text file, a folder of *.txt files or a glob" in line
+    assert checkpoints(tmp_path / "run") == []
+
+
+def test_empty_corpus(run_train, tmp_path):
+    corpus = tmp_path / "empty.txt"
+    corpus.write_text("")
+    line = error_line(run_train(f"data.path={corpus}"))
+    assert f"data.path={str(corpus)!r} holds no text: the corpus is empty" in line
+    assert checkpoints(tmp_path / "run") == []
+
+
+def test_corpus_shorter_than_one_window(run_train, tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("Too short to train on.")  # 6 tokens; a window is 33 (context_length 32)
+    line = error_line(run_train(f"data.path={corpus}"))
+    assert f"data.path={str(corpus)!r} has 6 tokens, too few for one training window" in line
+    assert "of 33 tokens" in line
+    assert "lower model.context_length or data.val_fraction" in line
+    assert checkpoints(tmp_path / "run") == []
+
+
+def test_num_heads_that_does_not_divide_emb_dim(run_train, tmp_path):
+    line = error_line(run_train("model.emb_dim=32", "model.num_heads=3"))
+    assert "emb_dim=32 is not divisible by num_heads=3" in line
+    assert "choose num_heads that divides emb_dim" in line
+    assert checkpoints(tmp_path / "run") == []
+
+
+def test_missing_checkpoint(run_train, tmp_path):
+    missing = tmp_path / "gone" / "last.ckpt"
+    line = error_line(run_train(f"ckpt_path={missing}"))
+    assert f"ckpt_path={str(missing)!r} does not exist" in line
+    assert "give a .ckpt written by a training run" in line
+    assert checkpoints(tmp_path / "run") == []
+
+
+def test_corrupt_checkpoint_is_refused_and_left_as_it_was(run_train, tmp_path):
+    # The run's own last.ckpt, damaged: resuming from it must fail without touching it.
+    run_dir = tmp_path / "run"
+    corrupt = run_dir / "checkpoints" / "last.ckpt"
+    corrupt.parent.mkdir(parents=True)
+    garbage = np.random.default_rng(0).bytes(4096)
+    corrupt.write_bytes(garbage)
+    line = error_line(run_train(f"ckpt_path={corrupt}"))
+    assert f"ckpt_path={str(corrupt)!r} is not a readable Lightning checkpoint" in line
+    assert corrupt.read_bytes() == garbage
+    assert checkpoints(run_dir) == [corrupt]
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = run_module("gpt2_lightning.train", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "model:" in lines
+    assert "  emb_dim: 128" in lines  # the default model is tiny
+    assert "  _target_: gpt2_lightning.data.TextDataModule" in lines
+    assert list(tmp_path.iterdir()) == []  # printing the config runs nothing
+
+
+def test_runs_from_another_directory_with_relative_paths(run_train, tmp_path):
+    # cwd is tmp_path: data.path and hydra.run.dir resolve there; conf/ comes with the package.
+    text = " ".join(f"Sentence {i} of a small corpus written for this test." for i in range(60))
+    (tmp_path / "corpus.txt").write_text(text)
+    result = run_train(
+        "data.path=corpus.txt",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        run_dir=Path("relative_run"),
+    )
+    assert result.returncode == 0, output(result)
+    assert "Traceback" not in output(result)
+    last = tmp_path / "relative_run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+    assert (tmp_path / "relative_run" / ".hydra" / "config.yaml").is_file()
+    assert not (tmp_path / "outputs").exists()
