@@ -2,13 +2,14 @@
 
 import warnings
 
-# `python -m gpt2_lightning.generate` runs a module that this file has already imported (for the
-# generate() and stream() functions below); runpy then warns that the module is in sys.modules.
-# Running it again as __main__ is harmless here (it only defines functions), so that one warning
-# is silenced. Importing lazily instead would let the submodule shadow the generate() function.
+# `python -m gpt2_lightning.generate` (or .weights) runs a module that this file has already
+# imported, for the generate() and stream() functions below; runpy then warns that the module is
+# in sys.modules. Running it again as __main__ is harmless here (these modules only define
+# functions), so that warning is silenced. Importing lazily instead would let the submodule
+# shadow the generate() function.
 warnings.filterwarnings(
     "ignore",
-    message=r"'gpt2_lightning\.generate' found in sys\.modules",
+    message=r"'gpt2_lightning\.\w+' found in sys\.modules after import of package",
     category=RuntimeWarning,
 )
 
