@@ -110,6 +110,8 @@ def test_sigterm_writes_last_checkpoint_at_the_step_reached(run_train, tmp_path)
     )
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
+    assert result.returncode == 143  # 128 + SIGTERM, as a shell reports a terminated process
+    assert "stopped by SIGTERM at step 4" in result.stderr
     assert "Traceback" not in result.stderr
 
 
