@@ -1,0 +1,98 @@
+"""What the benchmark scripts share: argument checks, timing, hardware ceilings, tables.
+
+The scripts import this as `common` (they are run as files, so their folder is on sys.path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+Result = TypeVar("Result")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= 0")
+    return value
+
+
+def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """The torch.device named on the command line, or a parser error if it cannot be used."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is invalid: use cpu or cuda[:index]")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name!r} is not supported: use cpu or cuda[:index]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name!r} is unavailable: this machine has no CUDA device")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer read afterwards covers all of it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], Result]) -> tuple[float, Result]:
+    """Seconds fn() takes on device, its queued GPU work included, and what it returned."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
+    """The device's measured peak FLOP/s: the fastest of `repeats` (size x size) matrix products.
+
+    CPUs have no published peak that torch knows, so MFU is taken against what a large product
+    reaches here. The fastest repeat is used because the peak is a ceiling, not a typical value.
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up: thread pools, GPU kernels' first launch
+    best = min(timed(device, lambda: torch.mm(a, b))[0] for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def read_bandwidth(device: torch.device, num_bytes: int, repeats: int) -> float:
+    """Measured memory read bandwidth in bytes/s: the fastest of `repeats` sums over num_bytes.
+
+    A sum reads every element once and writes one number, so it runs at the speed memory
+    delivers data. The buffer must be far larger than the caches for this to be DRAM's speed.
+    """
+    x = torch.ones(num_bytes // 4, device=device, dtype=torch.float32)
+    x.sum()  # warm-up: first touch of the pages, thread pools
+    best = min(timed(device, x.sum)[0] for _ in range(repeats))
+    return x.numel() * x.element_size() / best
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table with columns padded to a common width, so it reads as text too."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return (
+            "| "
+            + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+            + " |"
+        )
+
+    return "\n".join([line(header), line(["-" * width for width in widths]), *map(line, rows)])

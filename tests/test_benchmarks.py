@@ -1,0 +1,98 @@
+"""The benchmark scripts run with --quick and print every row of their tables, with numbers that
+are positive and agree with each other (the figures themselves are never asserted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each --quick run imports torch, Lightning and transformers in one or more fresh processes:
+# about 20-40 s on 2 busy cores, so all three are slow tests.
+pytestmark = pytest.mark.slow
+
+
+def run_quick(script: str) -> list[str]:
+    """stdout lines of `python benchmarks/<script> --quick`, run from the repository root."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def table(lines: list[str]) -> list[dict[str, str]]:
+    """The rows of the first markdown table in lines, each as {column name: cell}."""
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line[:1] == "|"]
+    header, body = cells[0], cells[2:]  # cells[1] is the |---| line
+    return [dict(zip(header, row, strict=True)) for row in body]
+
+
+def number(cell: str) -> float:
+    """A printed figure such as '1,234.5', '3.20%' or '0.98x' as a float."""
+    return float(cell.replace(",", "").rstrip("%x"))
+
+
+def line_value(lines: list[str], label: str) -> str:
+    """The text after 'label: ' on the first line that starts with it."""
+    matches = [line[len(label) + 2 :] for line in lines if line.startswith(label + ": ")]
+    assert matches, f"no line starts with {label!r}"
+    return matches[0]
+
+
+def test_train_throughput_prints_every_variant() -> None:
+    lines = run_quick("train_throughput.py")
+    rows = {row["variant"]: row for row in table(lines)}
+    assert set(rows) == {
+        "ours: plain loop",
+        "ours: Lightning Trainer",
+        "transformers GPT2LMHeadModel",
+    }
+    for row in rows.values():
+        for column in ("tokens/s", "ms/step", "MFU", "vs transformers"):
+            assert number(row[column]) > 0, (row["variant"], column)
+        # --quick trains on batches of 2 x 32 tokens: tokens/s x s/step is that, up to rounding.
+        tokens_per_step = number(row["tokens/s"]) * number(row["ms/step"]) / 1000
+        assert tokens_per_step == pytest.approx(64, rel=0.01)
+    assert rows["transformers GPT2LMHeadModel"]["vs transformers"] == "1.00x"
+    assert number(line_value(lines, "Lightning / plain loop")) > 0
+
+
+def test_generate_throughput_prints_every_variant_with_the_same_ids() -> None:
+    lines = run_quick("generate_throughput.py")
+    rows = {(row["shape"], row["batch"], row["variant"]): row for row in table(lines)}
+    variants = ("ours, KV cache", "ours, no cache", "transformers")
+    assert set(rows) == {("small", batch, v) for batch in ("1", "8") for v in variants}
+    for key, row in rows.items():
+        for column in ("tokens/s", "ms/step", "vs transformers"):
+            assert number(row[column]) > 0, (key, column)
+        assert row["same ids"] == ("-" if key[2] == "transformers" else "True")
+    assert line_value(lines, "greedy ids equal to transformers'") == "True"
+    roofline = line_value(lines, "small")
+    ceiling = re.search(r"at most ([\d,.]+) tokens/s", roofline)
+    assert ceiling and number(ceiling.group(1)) > 0, roofline
+
+
+def test_data_throughput_prints_every_phase() -> None:
+    lines = run_quick("data_throughput.py")
+    rows = {row["phase"]: row for row in table(lines)}
+    tokenizers = ("tiktoken encode_ordinary_batch", "tokenize_to_cache, cold cache")
+    assert set(rows) == {*tokenizers, "warm start"}
+    for name, row in rows.items():
+        for column in ("seconds", "peak RSS (MiB)", "RSS after imports (MiB)"):
+            assert number(row[column]) > 0, (name, column)
+        assert number(row["peak RSS (MiB)"]) >= number(row["RSS after imports (MiB)"])
+    assert all(number(rows[name]["MB/s"]) > 0 for name in tokenizers)
+    label = "token counts agree (cache = tiktoken + one <|endoftext|> per file boundary)"
+    assert line_value(lines, label) == "True"
