@@ -162,13 +162,13 @@ def _step_loop(
     try:
         for _ in range(max_new_tokens):
             if cache is not None and sequence.size(1) <= context:
-                logits = model(unseen, kv_cache=cache, attention_mask=mask)
+                logits = model(unseen, kv_cache=cache, attention_mask=mask, last_only=True)
             else:
                 # Positions are learned and absolute: once the window slides, every token sits at
                 # a new position and the cached keys/values are stale, so recompute the window.
                 cache = None
                 window_mask = None if mask is None else mask[:, -context:]
-                logits = model(sequence[:, -context:], attention_mask=window_mask)
+                logits = model(sequence[:, -context:], attention_mask=window_mask, last_only=True)
             token = _sample(logits[:, -1], temperature, top_k, top_p, generator)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)  # finished rows are padded with EOS

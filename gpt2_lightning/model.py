@@ -241,12 +241,15 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
         kv_cache: continue from the positions it holds, and store this call's keys/values in it.
         attention_mask: (B, past + T), 1 for real tokens and 0 for left padding; positions then
         count real tokens only, so a padded prompt gets the logits it would get alone.
+        last_only: logits of the last position only, (B, 1, vocab_size). Generation needs no
+        more, and the 50257-wide head is the largest matrix product of a prompt's forward pass.
         """
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -273,6 +276,8 @@ class GPT(nn.Module):
             x = block(x, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.final_norm(x))  # (B, T, vocab_size)
 
     def num_parameters(self) -> int:

@@ -59,6 +59,7 @@ class FixedLogits(nn.Module):
         idx: torch.Tensor,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         if kv_cache is not None:
             kv_cache.length += idx.size(1)
@@ -73,6 +74,7 @@ class Counter(FixedLogits):
         idx: torch.Tensor,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         super().forward(idx, kv_cache)
         return 10.0 * nn.functional.one_hot((idx + 1) % self.cfg.vocab_size, self.cfg.vocab_size)

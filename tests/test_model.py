@@ -219,3 +219,12 @@ def test_from_checkpoint_round_trip(tmp_path):
     idx = torch.randint(0, model.cfg.vocab_size, (2, 10))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
+
+
+def test_last_only_gives_the_last_positions_logits():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny", num_layers=2)).eval()
+    idx = torch.randint(0, 50257, (2, 9))
+    last = model(idx, last_only=True)
+    assert last.shape == (2, 1, 50257)
+    assert (last[:, 0] - model(idx)[:, -1]).abs().max().item() < 1e-5
