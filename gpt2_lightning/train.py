@@ -7,16 +7,24 @@ instantiated pieces together, the shape of lightning-hydra-template's train.py.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -58,6 +66,29 @@ def check_checkpoint(path: str) -> None:
         ) from None
 
 
+def check_not_relaunched_in_multirun(trainer: L.Trainer) -> None:
+    """Refuse a multirun whose strategy starts its ranks by running this command again (ddp, fsdp).
+
+    Lightning starts rank 1, 2, ... as `python -m gpt2_lightning.train <the same arguments>`; in a
+    Hydra multirun each of them would run the whole sweep again instead of joining one job.
+    """
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+        raise ValueError(
+            f"a Hydra multirun cannot use {type(trainer.strategy).__name__}, which starts its "
+            "other ranks by running this command again (each would re-run the whole sweep): "
+            "use trainer.strategy=ddp_spawn, or run the jobs one by one"
+        )
+
+
+class CreateSweepDir(Callback):
+    """Hydra callback: create the sweep folder before the Optuna sweeper opens the study in it."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # SQLite creates its file but not the folder, and Hydra creates it only when launching.
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+
+
 def train(cfg: DictConfig) -> float:
     """Train as cfg says; return the final val/loss (the objective of sweeps)."""
     if cfg.ckpt_path:
@@ -77,17 +108,28 @@ def train(cfg: DictConfig) -> float:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    check_not_relaunched_in_multirun(trainer)
 
     start = time.perf_counter()
     first_val = None
     if cfg.val_before_fit and not cfg.ckpt_path:
         first_val = trainer.validate(module, datamodule, verbose=False)[0]["val/loss"]
-    trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
+    last_ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    try:
+        trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:
+        # Lightning finished the batch and ModelCheckpoint(save_on_exception) wrote last.ckpt.
+        if trainer.is_global_zero:
+            print(
+                f"stopped by SIGTERM at step {trainer.global_step}: resume with "
+                f"ckpt_path={last_ckpt}",
+                file=sys.stderr,
+            )
+        sys.exit(128 + signal.SIGTERM)  # the exit status of a process ended by SIGTERM
     last_val = float(trainer.callback_metrics.get("val/loss", float("nan")))
 
     if trainer.is_global_zero:
         text = sample_text(module.model, **cfg.sample, seed=cfg.seed)
-        last_ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
         since = f"{first_val:.3f} -> " if first_val is not None else ""
         print(f"\n--- sample (prompt {cfg.sample.prompt!r}) ---\n{text}\n---")
         print(f"steps:      {trainer.global_step} in {time.perf_counter() - start:.0f} s")
@@ -111,7 +153,7 @@ def user_error(error: BaseException) -> BaseException | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        return train(cfg)
+        val_loss = train(cfg)
     except (*EXPECTED_ERRORS, InstantiationException) as error:
         cause = user_error(error)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -119,6 +161,9 @@ def main(cfg: DictConfig) -> float:
         # Hydra prints escaping exceptions as tracebacks; expected mistakes get one line.
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(1)
+    # The sweep's objective. Optuna fails the whole sweep on a NaN (a run that diverged, or ended
+    # before its first validation); such a run counts as the worst instead.
+    return val_loss if math.isfinite(val_loss) else math.inf
 
 
 if __name__ == "__main__":
