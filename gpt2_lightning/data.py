@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
@@ -196,6 +196,7 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -214,6 +215,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.num_workers = num_workers
         self.cache_dir = cache_dir
+        self.seed = seed  # the shuffle of DistributedSampler (several devices)
         self.train_set: SlidingWindowDataset | None = None
         self.val_set: SlidingWindowDataset | None = None
 
@@ -249,10 +251,24 @@ class TextDataModule(L.LightningDataModule):
         # StatefulDataLoader records how far into the epoch it is; Lightning saves that in the
         # checkpoint and restores it, so a resumed run sees exactly the batches it would have seen.
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        sampler = None
+        if train and self.trainer is not None and self.trainer.world_size > 1:
+            # Left to itself, Lightning would wrap a shuffling sampler whose permutation the
+            # checkpoint does not hold; a DistributedSampler's order follows from (seed, epoch),
+            # so a resumed rank skips to the same place in the same shuffle.
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=self.trainer.world_size,
+                rank=self.trainer.global_rank,
+                shuffle=True,
+                seed=self.seed,
+                drop_last=True,
+            )
         return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train if sampler is None else None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=on_cuda,

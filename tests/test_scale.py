@@ -96,6 +96,36 @@ def test_two_ddp_ranks_train_like_one_process_with_twice_the_batch(
         assert ddp_val[step] == pytest.approx(loss, abs=1e-5)
 
 
+@pytest.mark.slow
+def test_ddp_resume_matches_an_uninterrupted_run(run_train, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    words = "one two three four five six seven eight nine ten eleven twelve".split()
+    corpus.write_text("\n".join(" ".join(words[i % 12 :] + words[: i % 12]) for i in range(60)))
+    common = [
+        f"data.path={corpus}",
+        "model.dropout=0.1",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "data.batch_size=2",
+        "scheduler.total_steps=8",
+    ]
+    straight = run_train(*common, "trainer.max_steps=8", run_dir=tmp_path / "straight")
+    first = run_train(*common, "trainer.max_steps=3", run_dir=tmp_path / "first")  # mid-epoch
+    assert straight.returncode == 0 and first.returncode == 0, straight.stderr + first.stderr
+    resumed = run_train(
+        *common,
+        "trainer.max_steps=8",
+        f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+        run_dir=tmp_path / "resumed",
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "resumed")
+    assert a["global_step"] == b["global_step"] == 8
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+
+
 def test_multirun_gives_each_job_its_own_folder(tmp_path, token_cache):
     result = run_module(
         "gpt2_lightning.train",
