@@ -131,7 +131,8 @@ class KVCache:
         end = self.length + k.size(2)
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        # The cache may hold a lower precision than the caller computes in (generate's dtype=).
+        return self.keys[layer, :, :, :end].to(k.dtype), self.values[layer, :, :, :end].to(v.dtype)
 
 
 class MultiHeadAttention(nn.Module):

@@ -290,3 +290,33 @@ def test_greedy_temperature_is_exactly_argmax() -> None:
     stub = FixedLogits(PROBS)
     out = generate(stub, torch.zeros(3, 2, dtype=torch.long), 4, temperature=0)
     assert out[:, 2:].tolist() == [[0] * 4] * 3
+
+
+def test_bfloat16_decode_gives_valid_ids_and_float32_stays_the_default():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny", num_layers=2)).eval()
+    idx = torch.randint(0, 50257, (2, 5))
+    low = generate(model, idx, 12, temperature=0, dtype=torch.bfloat16)
+    assert low.shape == (2, 17) and low.dtype == torch.long
+    assert torch.equal(low[:, :5], idx)
+    assert ((low >= 0) & (low < 50257)).all()
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left as it was
+
+    default = generate(model, idx, 12, temperature=0)
+    assert torch.equal(default, generate(model, idx, 12, temperature=0, dtype=torch.float32))
+    assert torch.equal(default, generate(model, idx, 12, temperature=0, use_cache=False))
+    # The prompt runs in float32 in both, so the first new token is the same.
+    assert torch.equal(low[:, 5], default[:, 5])
+
+
+def test_generate_cli_rejects_an_unknown_dtype(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2_lightning.generate", "checkpoint=124M", "dtype=int8"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "dtype='int8' is invalid" in result.stderr and "bfloat16" in result.stderr
+    assert "Traceback" not in result.stderr
