@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if file.stat().st_size == 0:
+        print(f"error: {args.path!r} holds no text: the corpus is empty", file=sys.stderr)
+        return 1
     print(f"{file.stat().st_size // 2:,} tokens cached in {file}")
     print(f"train on them with: python -m gpt2_lightning.train data.path={args.path}")
     return 0

@@ -451,3 +451,12 @@ def test_prepare_command_names_a_missing_path(tmp_path):
     assert lines[0].startswith("error: ")
     assert str(missing) in lines[0]
     assert list(tmp_path.iterdir()) == []  # no cache file, no temp file
+
+
+def test_prepare_command_refuses_an_empty_corpus(tmp_path, capsys):
+    from gpt2_lightning.data import main
+
+    empty = write(tmp_path / "empty.txt", "")
+    assert main(["prepare", str(empty), "--cache-dir", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {str(empty)!r} holds no text: the corpus is empty" in err
