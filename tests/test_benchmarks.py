@@ -72,12 +72,14 @@ def test_train_throughput_prints_every_variant() -> None:
 def test_generate_throughput_prints_every_variant_with_the_same_ids() -> None:
     lines = run_quick("generate_throughput.py")
     rows = {(row["shape"], row["batch"], row["variant"]): row for row in table(lines)}
-    variants = ("ours, KV cache", "ours, no cache", "transformers")
+    low = "ours, KV cache, bf16 steps"  # ids may differ from fp32: not compared
+    variants = ("ours, KV cache", "ours, no cache", low, "transformers")
     assert set(rows) == {("small", batch, v) for batch in ("1", "8") for v in variants}
     for key, row in rows.items():
         for column in ("tokens/s", "ms/step", "vs transformers"):
             assert number(row[column]) > 0, (key, column)
-        assert row["same ids"] == ("-" if key[2] == "transformers" else "True")
+        expected = {"transformers": {"-"}, low: {"True", "False"}}.get(key[2], {"True"})
+        assert row["same ids"] in expected, key
     assert line_value(lines, "greedy ids equal to transformers'") == "True"
     roofline = line_value(lines, "small")
     ceiling = re.search(r"at most ([\d,.]+) tokens/s", roofline)
