@@ -95,14 +95,14 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
 
 
 def adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """AdamW as GPTLightningModule configures it (fused on CUDA), for the plain loops."""
+    """AdamW as GPTLightningModule configures it (fused on CPU and CUDA), for the plain loops."""
     return torch.optim.AdamW(
         model.parameters(),
         lr=OPTIMIZER["lr"],
         betas=tuple(OPTIMIZER["betas"]),
         eps=OPTIMIZER["eps"],
         weight_decay=OPTIMIZER["weight_decay"],
-        fused=device.type == "cuda",
+        fused=device.type in ("cuda", "cpu"),
     )
 
 
