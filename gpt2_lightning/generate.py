@@ -118,82 +118,62 @@ def _steps(
     attention_mask: torch.Tensor | None,
     dtype: torch.dtype | None,
 ) -> Iterator[torch.Tensor]:
-    """Check the arguments now (not at the first step), then hand back the step loop."""
+    """Check the arguments now, then hand back the loop that yields the next token of every
+    row (B,), one step at a time (a generator's body would only run at the first step)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(model, idx, attention_mask, eos_id)
-    return _step_loop(
-        model,
-        idx,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        eos_id,
-        use_cache,
-        generator,
-        attention_mask,
-        dtype,
-    )
 
+    @torch.inference_mode()  # on a generator function, torch enters the mode around each step only
+    def step_loop() -> Iterator[torch.Tensor]:
+        batch, prompt_length = idx.shape
+        context = model.cfg.context_length
+        cache = None
+        stepper = model  # runs the one-token steps
+        if use_cache and prompt_length <= context:
+            weights_dtype = next(model.parameters()).dtype
+            max_length = min(context, prompt_length + max_new_tokens)
+            cache = KVCache(model.cfg, batch, max_length, idx.device, dtype or weights_dtype)
+            if dtype is not None and dtype != weights_dtype:
+                # A one-token step multiplies one row by every weight matrix: it is bound by the
+                # bytes of weights read, so half-size weights make it up to 2x faster. The prompt
+                # stays in full precision: many rows at once are compute bound, and on CPUs without
+                # native bf16 a bf16 matrix-matrix product is far slower than fp32.
+                stepper = copy.deepcopy(model).to(dtype)
+        sequence, mask = idx, attention_mask
+        unseen = idx  # tokens not yet run through the model into the cache: the prompt, then one
+        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+        was_training = model.training
+        model.eval()
+        try:
+            for _ in range(max_new_tokens):
+                if cache is not None and sequence.size(1) <= context:
+                    runner = model if unseen.size(1) > 1 else stepper
+                    logits = runner(unseen, kv_cache=cache, attention_mask=mask, last_only=True)
+                else:
+                    # Positions are learned and absolute: once the window slides, every token sits
+                    # at a new position and the cached keys/values are stale: recompute the window.
+                    cache = None
+                    window_mask = None if mask is None else mask[:, -context:]
+                    logits = model(
+                        sequence[:, -context:], attention_mask=window_mask, last_only=True
+                    )
+                token = _sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    token = token.masked_fill(finished, eos_id)  # finished rows are padded with EOS
+                    finished |= token == eos_id
+                yield token
+                if (
+                    eos_id is not None and finished.all()
+                ):  # all() syncs a GPU: only when it can stop
+                    return
+                sequence = torch.cat([sequence, token[:, None]], dim=1)
+                unseen = token[:, None]
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        finally:
+            model.train(was_training)
 
-@torch.inference_mode()  # on a generator function, torch enters the mode around each step only
-def _step_loop(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    eos_id: int | None,
-    use_cache: bool,
-    generator: torch.Generator | None,
-    attention_mask: torch.Tensor | None,
-    dtype: torch.dtype | None,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,), one step at a time."""
-    batch, prompt_length = idx.shape
-    context = model.cfg.context_length
-    cache = None
-    stepper = model  # runs the one-token steps
-    if use_cache and prompt_length <= context:
-        weights_dtype = next(model.parameters()).dtype
-        max_length = min(context, prompt_length + max_new_tokens)
-        cache = KVCache(model.cfg, batch, max_length, idx.device, dtype or weights_dtype)
-        if dtype is not None and dtype != weights_dtype:
-            # A one-token step multiplies one row by every weight matrix: it is bound by the
-            # bytes of weights read, so half-size weights make it up to 2x faster. The prompt
-            # stays in full precision: many rows at once are compute bound, and on CPUs without
-            # native bf16 a bf16 matrix-matrix product is far slower than fp32.
-            stepper = copy.deepcopy(model).to(dtype)
-    sequence, mask = idx, attention_mask
-    unseen = idx  # tokens not yet run through the model into the cache: the prompt, then one
-    finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            if cache is not None and sequence.size(1) <= context:
-                runner = model if unseen.size(1) > 1 else stepper
-                logits = runner(unseen, kv_cache=cache, attention_mask=mask, last_only=True)
-            else:
-                # Positions are learned and absolute: once the window slides, every token sits at
-                # a new position and the cached keys/values are stale, so recompute the window.
-                cache = None
-                window_mask = None if mask is None else mask[:, -context:]
-                logits = model(sequence[:, -context:], attention_mask=window_mask, last_only=True)
-            token = _sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                token = token.masked_fill(finished, eos_id)  # finished rows are padded with EOS
-                finished |= token == eos_id
-            yield token
-            if eos_id is not None and finished.all():  # all() syncs a GPU: only when it can stop
-                return
-            sequence = torch.cat([sequence, token[:, None]], dim=1)
-            unseen = token[:, None]
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-    finally:
-        model.train(was_training)
+    return step_loop()
 
 
 def stream(
