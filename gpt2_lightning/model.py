@@ -103,6 +103,52 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return LayerNorm(cfg.emb_dim) if cfg.norm == "layernorm" else RMSNorm(cfg.emb_dim)
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with a faster path for the few rows of a decoding step on a CPU.
+
+    A decode step multiplies one row per sequence by every weight matrix, so its speed is how fast
+    the weights stream from memory. For a few fp32 rows torch calls MKL's matrix-vector routine,
+    which runs on one core and reads memory at one core's rate. Cutting the weight's rows into one
+    slice per thread and multiplying the slices as a batch (bmm runs batch entries in parallel)
+    puts every core to work: ~1.6x faster decoding at 124M on 2 cores, at the memory bandwidth.
+    Same numbers either way; training (many rows) takes the plain path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.get_num_threads()
+        if (
+            parts > 1
+            and x.numel() <= SPLIT_MAX_ROWS * x.size(-1)
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.numel() >= SPLIT_MIN_WEIGHTS
+        ):
+            return split_linear(x, self.weight, self.bias, parts)
+        return F.linear(x, self.weight, self.bias)
+
+
+SPLIT_MAX_ROWS = 16  # more rows than this: MKL's matrix-matrix product uses all cores itself
+SPLIT_MIN_WEIGHTS = 2**16  # a smaller matrix sits in cache, and splitting costs more than it saves
+
+
+def split_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int
+) -> torch.Tensor:
+    """F.linear(x, weight, bias), computed as `parts` products over slices of weight's rows."""
+    out_features, in_features = weight.shape
+    rows = out_features // parts
+    whole = parts * rows  # the rows that divide evenly; the remainder (< parts) follows apart
+    slices = weight[:whole].view(parts, rows, in_features).transpose(1, 2)  # (parts, in, rows)
+    flat = x.reshape(1, -1, in_features)  # (1, N, in)
+    y = torch.bmm(flat.expand(parts, -1, -1), slices)  # (parts, N, rows)
+    y = y.transpose(0, 1).reshape(flat.size(1), whole)  # (N, whole): the slices side by side
+    if whole < out_features:
+        y = torch.cat([y, F.linear(flat[0], weight[whole:])], dim=-1)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], out_features)
+
+
 class KVCache:
     """Keys and values of the positions seen so far, for every layer, allocated once per run.
 
@@ -148,8 +194,8 @@ class MultiHeadAttention(nn.Module):
         self.layer = layer  # which slice of a KVCache is ours
         self.num_heads = cfg.num_heads
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.qkv = Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = Linear(cfg.emb_dim, cfg.emb_dim)
         self.out_proj.residual = True  # marks a residual projection for the scaled init in GPT
 
     def forward(
@@ -182,8 +228,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.fc = Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = Linear(4 * cfg.emb_dim, cfg.emb_dim)
         self.proj.residual = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +264,7 @@ class GPT(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         # Weight tying: the same matrix maps ids to vectors and vectors back to id scores. GPT-2
         # does this; it saves vocab_size x emb_dim parameters (38.6M of the 124M model).
         self.lm_head.weight = self.tok_emb.weight

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2_lightning import GPT, GPTConfig, KVCache
-from gpt2_lightning.model import LayerNorm, RMSNorm
+from gpt2_lightning import model as model_module
+from gpt2_lightning.model import LayerNorm, Linear, RMSNorm, split_linear
 
 # Parameter counts of the released GPT-2 models (lm_head tied to the token embedding).
 PARAMETER_COUNTS = {
@@ -228,3 +229,33 @@ def test_last_only_gives_the_last_positions_logits():
     last = model(idx, last_only=True)
     assert last.shape == (2, 1, 50257)
     assert (last[:, 0] - model(idx)[:, -1]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("out_features", [12, 13])  # divisible by the parts, and with a remainder
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(1, 1), (2, 1), (3,)])  # a decode step, batch 2, plain rows
+def test_split_linear_equals_linear(out_features, parts, bias, lead):
+    torch.manual_seed(0)
+    weight, x = torch.randn(out_features, 8), torch.randn(*lead, 8)
+    b = torch.randn(out_features) if bias else None
+    y = split_linear(x, weight, b, parts)
+    assert y.shape == (*lead, out_features)
+    torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_splits_only_few_fp32_rows_of_a_large_weight(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        model_module, "split_linear", lambda *args: calls.append(args) or F.linear(*args[:3])
+    )
+    monkeypatch.setattr(model_module, "SPLIT_MIN_WEIGHTS", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    layer, small = Linear(8, 16), Linear(4, 4)
+    for x in (torch.randn(1, 1, 8), torch.randn(16, 8)):  # a decode step; 16 rows, the limit
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert [args[0].shape for args in calls] == [(1, 1, 8), (16, 8)] and calls[0][3] == 2
+    layer(torch.randn(17, 8))  # more rows: MKL's matrix product is parallel already
+    layer.double()(torch.randn(1, 8, dtype=torch.float64))  # not fp32
+    small(torch.randn(1, 4))  # a weight that sits in cache
+    assert len(calls) == 2
