@@ -17,6 +17,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -97,20 +98,36 @@ def embedded_documents() -> list[str]:
     return [clean(topics[name]) for name in sorted(topics)]
 
 
-def _documents(files: list[Path] | None, batch_bytes: int = 64 << 20) -> Iterator[list[str]]:
-    """Documents in batches of about batch_bytes, so a large corpus is never in memory at once."""
+def _documents(
+    files: list[Path] | None, batch_bytes: int = 64 << 20
+) -> Iterator[tuple[list[str], int]]:
+    """Documents in batches of about batch_bytes, with the batch's size in bytes, so a large
+    corpus is never in memory at once."""
     if files is None:
-        yield embedded_documents()
+        documents = embedded_documents()
+        yield documents, sum(len(doc.encode()) for doc in documents)
         return
     batch, size = [], 0
     for file in files:
         batch.append(file.read_text(encoding="utf-8", errors="replace"))
         size += file.stat().st_size
         if size >= batch_bytes:
-            yield batch
+            yield batch, size
             batch, size = [], 0
     if batch:
-        yield batch
+        yield batch, size
+
+
+def encode_documents(documents: list[str], pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
+    """The token ids of each document, in order, as uint32 arrays, encoded on the pool's threads.
+
+    tiktoken's encode_to_numpy returns its Rust buffer as an array; encode_ordinary_batch would
+    build a Python int per token first, which then have to be turned back into an array.
+    With no special token allowed, <|endoftext|> inside a text is plain text, as in
+    encode_ordinary.
+    """
+    enc = get_tokenizer()
+    return pool.map(lambda doc: enc.encode_to_numpy(doc, disallowed_special=()), documents)
 
 
 def cache_key(files: list[Path] | None) -> str:
@@ -154,16 +171,20 @@ def tokenize_to_cache(
     total = sum(f.stat().st_size for f in files) if files else None
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     count = 0
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp:
+    eot = np.array([enc.eot_token], dtype=np.uint16).tobytes()
+    with (
+        tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp,
+        ThreadPoolExecutor(os.cpu_count() or 1) as pool,
+    ):
         try:
-            for batch in _documents(files):
-                for ids in enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1):
+            for batch, size in _documents(files):
+                for ids in encode_documents(batch, pool):
                     if count:
-                        tmp.write(np.array([enc.eot_token], dtype=np.uint16).tobytes())
+                        tmp.write(eot)
                         count += 1
-                    tmp.write(np.asarray(ids, dtype=np.uint16).tobytes())
+                    tmp.write(ids.astype(np.uint16))
                     count += len(ids)
-                bar.update(sum(len(doc.encode()) for doc in batch))
+                bar.update(size)
         except BaseException:
             tmp.close()
             os.unlink(tmp.name)

@@ -14,6 +14,7 @@ from torch.utils.data import SequentialSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
+from gpt2_lightning import data
 from gpt2_lightning.data import (
     SlidingWindowDataset,
     TextDataModule,
@@ -168,16 +169,15 @@ def test_endoftext_written_in_a_file_is_plain_text(tmp_path):
 
 @pytest.fixture
 def count_batches(monkeypatch):
-    """Counts calls of the tokenizer's batch encoder (the only way tokens are produced)."""
-    enc = get_tokenizer()
+    """Counts calls of the batch encoder (the only way tokens are produced)."""
     calls = []
-    original = enc.encode_ordinary_batch
+    original = data.encode_documents
 
-    def counting(batch, **kwargs):
+    def counting(batch, pool):
         calls.append(len(batch))
-        return original(batch, **kwargs)
+        return original(batch, pool)
 
-    monkeypatch.setattr(enc, "encode_ordinary_batch", counting)
+    monkeypatch.setattr(data, "encode_documents", counting)
     return calls
 
 
@@ -233,13 +233,13 @@ def test_failure_mid_tokenization_leaves_nothing(tmp_path, corpus_dir, monkeypat
     enc = get_tokenizer()
     written = []
 
-    def fail_after_first(batch, **kwargs):
+    def fail_after_first(batch, pool):
         # The first document's ids reach the temp file before the failure.
         written.append(enc.encode_ordinary(batch[0]))
-        yield written[-1]
+        yield np.array(written[-1], dtype=np.uint32)
         raise error
 
-    monkeypatch.setattr(enc, "encode_ordinary_batch", fail_after_first)
+    monkeypatch.setattr(data, "encode_documents", fail_after_first)
     cache = tmp_path / "cache"
     with pytest.raises(type(error)):
         tokenize_to_cache(corpus_dir, cache)
