@@ -163,9 +163,55 @@ def tokenize_to_cache(
     """
     files = None if path is None else source_files(path)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    index = None if files is None else cache_dir / "index" / f"{stat_key(files)}.txt"
+    if index is not None and index.is_file():
+        target = cache_dir / index.read_text().strip()
+        if target.is_file():
+            return target  # the files are unchanged since they were hashed: no byte is read
     target = cache_dir / f"{cache_key(files)}.bin"
-    if target.exists():
-        return target
+    if not target.exists():
+        _tokenize(files, target, progress)
+    if index is not None:
+        _write_index(index, target.name)
+    return target
+
+
+def stat_key(files: list[Path]) -> str:
+    """A hash of the tokenizer and each file's absolute path, size and modification time.
+
+    Hashing the content (cache_key) reads the whole corpus, ~1 s per 100 MB here; the index maps
+    this key, which needs no read, to the content's cache file, so a warm start does not grow
+    with the corpus. Like make and rsync, it takes a file with the same size and mtime as
+    unchanged; edit a file and its mtime moves, so it is hashed again.
+    """
+    enc = get_tokenizer()
+    digest = hashlib.sha256(f"{enc.name}:{enc.n_vocab}\0".encode())
+    for file in files:
+        st = file.stat()
+        digest.update(f"{file.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:32]
+
+
+def _write_index(file: Path, text: str) -> None:
+    """Write the index entry atomically; skip it where the cache cannot be written (it only
+    saves time, and a read-only shared cache must still serve its files)."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=file.parent, suffix=".tmp", delete=False) as tmp:
+            try:
+                tmp.write(text)
+            except BaseException:
+                tmp.close()
+                os.unlink(tmp.name)
+                raise
+        os.replace(tmp.name, file)
+    except OSError:
+        pass
+
+
+def _tokenize(files: list[Path] | None, target: Path, progress: bool) -> None:
+    """Write the ids of files (None = embedded corpus) to target, which appears only complete."""
+    cache_dir = target.parent
     enc = get_tokenizer()
     cache_dir.mkdir(parents=True, exist_ok=True)
     total = sum(f.stat().st_size for f in files) if files else None
@@ -191,7 +237,6 @@ def tokenize_to_cache(
             raise
     bar.close()
     os.replace(tmp.name, target)
-    return target
 
 
 def load_tokens(file: Path) -> np.ndarray:

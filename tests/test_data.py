@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def test_cache_file_is_named_by_hash(tmp_path):
     assert target.parent == tmp_path / "cache"
     assert re.fullmatch(r"[0-9a-f]{32}\.bin", target.name)
     assert target.stat().st_size == 2 * len(get_tokenizer().encode_ordinary(TEXT))  # uint16
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [target.name]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [target.name, "index"]
 
 
 def test_second_call_reuses_the_cache(tmp_path, count_batches):
@@ -208,6 +209,35 @@ def test_cache_key_is_the_content_not_the_path(tmp_path, count_batches):
     assert count_batches == [1]
 
 
+def test_unchanged_files_are_found_without_reading_them(tmp_path, monkeypatch):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+
+    def no_reading(files):
+        raise AssertionError("the corpus was read again")
+
+    monkeypatch.setattr(data, "cache_key", no_reading)
+    assert tokenize_to_cache(file, tmp_path / "cache") == first
+
+
+def test_a_touched_file_is_hashed_again_and_keeps_its_cache(tmp_path, count_batches):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+    stat = file.stat()
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, new mtime
+    assert tokenize_to_cache(file, tmp_path / "cache") == first
+    assert count_batches == [1]  # hashed, found, not tokenized again
+    assert len(list((tmp_path / "cache" / "index").iterdir())) == 2
+
+
+def test_index_entry_for_a_deleted_cache_file_is_not_trusted(tmp_path):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+    first.unlink()
+    again = tokenize_to_cache(file, tmp_path / "cache")
+    assert again == first and load_tokens(again).tolist() == get_tokenizer().encode_ordinary(TEXT)
+
+
 def test_changed_text_gets_a_new_cache_file(tmp_path):
     enc = get_tokenizer()
     file = write(tmp_path / "a.txt", TEXT)
@@ -223,9 +253,10 @@ def test_changed_text_gets_a_new_cache_file(tmp_path):
 def test_no_temp_files_are_left_behind(tmp_path, corpus_dir):
     tokenize_to_cache(corpus_dir, tmp_path / "cache")
     tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
-    names = [p.name for p in (tmp_path / "cache").iterdir()]
-    assert len(names) == 2
-    assert all(name.endswith(".bin") for name in names)
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())  # hex names sort first
+    assert len(names) == 3 and names[2] == "index" and all(n.endswith(".bin") for n in names[:2])
+    index = [p.name for p in (tmp_path / "cache" / "index").iterdir()]
+    assert len(index) == 2 and all(name.endswith(".txt") for name in index)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("tokenizer crashed"), KeyboardInterrupt()])
@@ -432,7 +463,7 @@ def test_prepare_command_caches_and_reports_the_count(tmp_path):
     result = run_module("gpt2_lightning.data", "prepare", str(file), "--cache-dir", str(cache))
     assert result.returncode == 0, result.stderr
     n = len(get_tokenizer().encode_ordinary(TEXT))
-    (target,) = cache.iterdir()
+    (target,) = cache.glob("*.bin")
     assert f"{n:,} tokens cached in {target}" in result.stdout
     assert len(load_tokens(target)) == n
     # The same cache file the training run will look up.
