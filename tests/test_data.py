@@ -209,6 +209,11 @@ def test_cache_key_is_the_content_not_the_path(tmp_path, count_batches):
     assert count_batches == [1]
 
 
+def test_cache_keys_name_the_tokenizer_in_use():
+    enc = get_tokenizer()
+    assert data.TOKENIZER == f"{enc.name}:{enc.n_vocab}"
+
+
 def test_unchanged_files_are_found_without_reading_them(tmp_path, monkeypatch):
     file = write(tmp_path / "a.txt", TEXT)
     first = tokenize_to_cache(file, tmp_path / "cache")
