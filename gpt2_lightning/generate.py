@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from gpt2_lightning.model import GPT, KVCache
 from gpt2_lightning.tokenizer import get_tokenizer
@@ -138,7 +139,7 @@ def _steps(
                 # bytes of weights read, so half-size weights make it up to 2x faster. The prompt
                 # stays in full precision: many rows at once are compute bound, and on CPUs without
                 # native bf16 a bf16 matrix-matrix product is far slower than fp32.
-                stepper = copy.deepcopy(model).to(dtype)
+                stepper = _copy_in(model, dtype)
         sequence, mask = idx, attention_mask
         unseen = idx  # tokens not yet run through the model into the cache: the prompt, then one
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
@@ -174,6 +175,15 @@ def _steps(
             model.train(was_training)
 
     return step_loop()
+
+
+def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of model whose parameters are in dtype, each converted once and straight from the
+    original (deepcopy takes the converted ones from its memo: tied weights stay tied)."""
+    memo = {
+        id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()
+    }
+    return copy.deepcopy(model, memo)
 
 
 def stream(

@@ -312,3 +312,15 @@ def test_generate_cli_rejects_an_unknown_dtype(tmp_path):
     assert result.returncode == 1
     assert "dtype='int8' is invalid" in result.stderr and "bfloat16" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_low_precision_copy_converts_each_weight_once_and_keeps_the_tie():
+    from gpt2_lightning.generate import _copy_in
+
+    model = GPT(GPTConfig.from_name("tiny", num_layers=1))
+    low = _copy_in(model, torch.bfloat16)
+    assert low.lm_head.weight is low.tok_emb.weight  # still tied: one matrix, not two
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    assert sum(p.numel() for p in low.parameters()) == model.num_parameters()
+    assert torch.equal(low.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.bfloat16())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
