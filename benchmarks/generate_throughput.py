@@ -37,6 +37,7 @@ SHAPES = {"124M": "124M", "small": "tiny"}
 CACHED = "ours, KV cache"
 UNCACHED = "ours, no cache"
 LOW = "ours, KV cache, bf16 steps"  # generate(dtype=torch.bfloat16); ids may differ from fp32
+HALF = "ours, KV cache, fp16 steps"  # generate(dtype=torch.float16); ids may differ from fp32
 TRANSFORMERS = "transformers"
 
 # Defaults of a full run and of --quick; an option given on the command line wins over both.
@@ -96,6 +97,7 @@ def decoders(
         CACHED: lambda n: generate(ours, prompt, n, temperature=0.0, use_cache=True),
         UNCACHED: lambda n: generate(ours, prompt, n, temperature=0.0, use_cache=False),
         LOW: lambda n: generate(ours, prompt, n, temperature=0.0, dtype=torch.bfloat16),
+        HALF: lambda n: generate(ours, prompt, n, temperature=0.0, dtype=torch.float16),
         # min_new_tokens = max_new_tokens: exactly n tokens, as ours (no stop at <|endoftext|>).
         TRANSFORMERS: lambda n: theirs.generate(
             prompt,
@@ -136,7 +138,9 @@ def measure(
             seconds, ids[name] = timed(args.device, partial(decode, args.tokens))
             speeds[name].append(batch * args.tokens / seconds)
     median = {name: statistics.median(values) for name, values in speeds.items()}
-    same_ids = {name: torch.equal(ids[name], ids[TRANSFORMERS]) for name in (CACHED, UNCACHED, LOW)}
+    same_ids = {
+        name: torch.equal(ids[name], ids[TRANSFORMERS]) for name in (CACHED, UNCACHED, LOW, HALF)
+    }
     return median, same_ids
 
 

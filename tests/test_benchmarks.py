@@ -72,13 +72,14 @@ def test_train_throughput_prints_every_variant() -> None:
 def test_generate_throughput_prints_every_variant_with_the_same_ids() -> None:
     lines = run_quick("generate_throughput.py")
     rows = {(row["shape"], row["batch"], row["variant"]): row for row in table(lines)}
-    low = "ours, KV cache, bf16 steps"  # ids may differ from fp32: not compared
-    variants = ("ours, KV cache", "ours, no cache", low, "transformers")
+    bf16, fp16 = "ours, KV cache, bf16 steps", "ours, KV cache, fp16 steps"  # ids may differ
+    variants = ("ours, KV cache", "ours, no cache", bf16, fp16, "transformers")
     assert set(rows) == {("small", batch, v) for batch in ("1", "8") for v in variants}
     for key, row in rows.items():
         for column in ("tokens/s", "ms/step", "vs transformers"):
             assert number(row[column]) > 0, (key, column)
-        expected = {"transformers": {"-"}, low: {"True", "False"}}.get(key[2], {"True"})
+        either = {"True", "False"}
+        expected = {"transformers": {"-"}, bf16: either, fp16: either}.get(key[2], {"True"})
         assert row["same ids"] in expected, key
     assert line_value(lines, "greedy ids equal to transformers'") == "True"
     roofline = line_value(lines, "small")
