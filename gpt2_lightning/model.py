@@ -145,12 +145,14 @@ def split_linear(
     whole = parts * rows  # the rows that divide evenly; the remainder (< parts) follows apart
     slices = weight[:whole].view(parts, rows, in_features).transpose(1, 2)  # (parts, in, rows)
     flat = x.reshape(1, -1, in_features)  # (1, N, in)
-    y = torch.bmm(flat.expand(parts, -1, -1), slices)  # (parts, N, rows)
+    if bias is None:
+        y = torch.bmm(flat.expand(parts, -1, -1), slices)  # (parts, N, rows)
+    else:  # the bias added inside the product, as addmm does for F.linear
+        y = torch.baddbmm(bias[:whole].view(parts, 1, rows), flat.expand(parts, -1, -1), slices)
     y = y.transpose(0, 1).reshape(flat.size(1), whole)  # (N, whole): the slices side by side
     if whole < out_features:
-        y = torch.cat([y, F.linear(flat[0], weight[whole:])], dim=-1)
-    if bias is not None:
-        y = y + bias
+        rest = None if bias is None else bias[whole:]
+        y = torch.cat([y, F.linear(flat[0], weight[whole:], rest)], dim=-1)
     return y.view(*x.shape[:-1], out_features)
 
 
