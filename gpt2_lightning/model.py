@@ -132,7 +132,9 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-SPLIT_MAX_ROWS = 16  # more rows than this: MKL's matrix-matrix product uses all cores itself
+# Up to 64 rows, splitting measured 1.2-1.9x faster here (a decode step of 8 sequences, a short
+# prompt); the gain fades with more rows (1.1x at 256), and training's products take the plain path.
+SPLIT_MAX_ROWS = 64
 SPLIT_MIN_WEIGHTS = 2**16  # a smaller matrix sits in cache, and splitting costs more than it saves
 
 

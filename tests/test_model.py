@@ -257,10 +257,11 @@ def test_linear_splits_only_few_fp32_rows_of_a_large_weight(monkeypatch):
     monkeypatch.setattr(model_module, "SPLIT_MIN_WEIGHTS", 64)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     layer, small = Linear(8, 16), Linear(4, 4)
-    for x in (torch.randn(1, 1, 8), torch.randn(16, 8)):  # a decode step; 16 rows, the limit
+    limit = model_module.SPLIT_MAX_ROWS
+    for x in (torch.randn(1, 1, 8), torch.randn(limit, 8)):  # a decode step; the most rows
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    assert [args[0].shape for args in calls] == [(1, 1, 8), (16, 8)] and calls[0][3] == 2
-    layer(torch.randn(17, 8))  # more rows: MKL's matrix product is parallel already
+    assert [args[0].shape for args in calls] == [(1, 1, 8), (limit, 8)] and calls[0][3] == 2
+    layer(torch.randn(limit + 1, 8))  # more rows: the plain product
     layer.double()(torch.randn(1, 8, dtype=torch.float64))  # not fp32
     small(torch.randn(1, 4))  # a weight that sits in cache
     assert len(calls) == 2
