@@ -235,6 +235,20 @@ def test_a_touched_file_is_hashed_again_and_keeps_its_cache(tmp_path, count_batc
     assert len(list((tmp_path / "cache" / "index").iterdir())) == 2
 
 
+def test_a_cache_whose_index_cannot_be_written_still_serves(tmp_path, monkeypatch):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+    for entry in (tmp_path / "cache" / "index").iterdir():
+        entry.unlink()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(data.tempfile, "NamedTemporaryFile", read_only)
+    assert tokenize_to_cache(file, tmp_path / "cache") == first  # found by content, no error
+    assert list((tmp_path / "cache" / "index").iterdir()) == []
+
+
 def test_index_entry_for_a_deleted_cache_file_is_not_trusted(tmp_path):
     file = write(tmp_path / "a.txt", TEXT)
     first = tokenize_to_cache(file, tmp_path / "cache")
