@@ -77,7 +77,7 @@ class LayerNorm(nn.Module):
 
         (x - mean(x)) / sqrt(var(x) + eps) * weight + bias     (var without Bessel's correction)
 
-    F.layer_norm computes exactly this in one pass over x; spelled out in torch ops it is seven
+    F.layer_norm computes this in one pass over x; spelled out in torch ops it is seven
     passes and seven kernel calls, which cost a decoding step 6% at 124M and ~20% on small models.
     RMSNorm below is written out op by op.
     """
@@ -116,7 +116,7 @@ class Linear(nn.Linear):
     which runs on one core and reads memory at one core's rate. Cutting the weight's rows into one
     slice per thread and multiplying the slices as a batch (bmm runs batch entries in parallel)
     puts every core to work: ~1.6x faster decoding at 124M on 2 cores, at the memory bandwidth.
-    Same numbers either way; training (many rows) takes the plain path.
+    The same products up to float rounding; training (many rows) takes the plain path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
