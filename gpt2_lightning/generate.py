@@ -136,9 +136,9 @@ def _steps(
             cache = KVCache(model.cfg, batch, max_length, idx.device, dtype or weights_dtype)
             if dtype is not None and dtype != weights_dtype:
                 # A one-token step multiplies one row by every weight matrix: it is bound by the
-                # bytes of weights read, so half-size weights make it up to 2x faster. The prompt
-                # stays in full precision: many rows at once are compute bound, and on CPUs without
-                # native bf16 a bf16 matrix-matrix product is far slower than fp32.
+                # bytes of weights read, so half-size weights read half the bytes (on a CPU without
+                # native bf16 the gain is 1.1-1.2x at batch 1: see README). The prompt stays in full
+                # precision: there a bf16 matrix-matrix product is far slower than fp32.
                 stepper = _copy_in(model, dtype)
         sequence, mask = idx, attention_mask
         unseen = idx  # tokens not yet run through the model into the cache: the prompt, then one
