@@ -314,13 +314,46 @@ def test_generate_cli_rejects_an_unknown_dtype(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_low_precision_copy_converts_each_weight_once_and_keeps_the_tie():
+def test_low_precision_copy_converts_the_products_weights_once_and_keeps_the_tie():
+    from gpt2_lightning.generate import _copy_in
+
+    model = GPT(GPTConfig.from_name("tiny", num_layers=1, dropout=0.5))  # in training mode
+    low = _copy_in(model, torch.bfloat16)
+    assert not low.training  # no dropout in the steps, whatever mode the model is in
+    assert low.lm_head.weight is low.tok_emb.weight  # still tied: one matrix, not two
+    assert low.tok_emb.weight.dtype == low.blocks[0].ff.fc.bias.dtype == torch.bfloat16
+    assert torch.equal(low.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.bfloat16())
+    # Norms and the position embedding are the model's own, shared, not copied.
+    assert low.final_norm.weight is model.final_norm.weight
+    assert low.pos_emb.weight is model.pos_emb.weight
+    assert sum(p.numel() for p in low.parameters()) == model.num_parameters()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_low_precision_copy_is_kept_and_follows_the_models_weights():
     from gpt2_lightning.generate import _copy_in
 
     model = GPT(GPTConfig.from_name("tiny", num_layers=1))
     low = _copy_in(model, torch.bfloat16)
-    assert low.lm_head.weight is low.tok_emb.weight  # still tied: one matrix, not two
-    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
-    assert sum(p.numel() for p in low.parameters()) == model.num_parameters()
-    assert torch.equal(low.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.bfloat16())
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        model.blocks[0].ff.fc.weight.add_(1.0)  # e.g. a training step between two generate calls
+    again = _copy_in(model, torch.bfloat16)
+    assert again is low  # the same memory, refilled
+    assert torch.equal(again.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.bfloat16())
+    assert _copy_in(model, torch.float16).tok_emb.weight.dtype == torch.float16  # a new dtype
+    model.blocks[0].ff.fc.weight = torch.nn.Parameter(torch.zeros(512, 128))  # a new parameter
+    assert torch.equal(_copy_in(model, torch.float16).blocks[0].ff.fc.weight, torch.zeros(512, 128))
+    model.final_norm.weight = torch.nn.Parameter(torch.full((128,), 2.0))  # shared, not converted
+    assert _copy_in(model, torch.float16).final_norm.weight is model.final_norm.weight
+
+
+def test_half_precision_steps_do_not_use_dropout():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny", num_layers=2, dropout=0.5))  # left in training mode
+    idx = torch.randint(0, 50257, (1, 4))
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # dropout would draw different masks
+        runs.append(generate(model, idx, 8, temperature=0, dtype=torch.bfloat16))
+    assert torch.equal(runs[0], runs[1])
+    assert model.training  # and the caller's model is back in its mode

@@ -265,3 +265,16 @@ def test_linear_splits_only_few_fp32_rows_of_a_large_weight(monkeypatch):
     layer.double()(torch.randn(1, 8, dtype=torch.float64))  # not fp32
     small(torch.randn(1, 4))  # a weight that sits in cache
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_with_half_weights_multiplies_in_half_and_answers_in_the_input_dtype(dtype):
+    torch.manual_seed(0)
+    layer = Linear(8, 16)
+    x = torch.randn(2, 1, 8)
+    expected = F.linear(x.to(dtype), layer.weight.to(dtype), layer.bias.to(dtype)).float()
+    layer.to(dtype)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, expected)  # the product ran in dtype: the same rounding
+    assert (y - x @ layer.weight.float().T - layer.bias.float()).abs().max() > 0
