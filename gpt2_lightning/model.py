@@ -142,6 +142,10 @@ class Linear(nn.Linear):
 # prompt); the gain fades with more rows (1.1x at 256), and training's products take the plain path.
 SPLIT_MAX_ROWS = 64
 SPLIT_MIN_WEIGHTS = 2**16  # a smaller matrix sits in cache, and splitting costs more than it saves
+# A matrix this many times wider than deep (the 50257-wide head) is multiplied the other way round,
+# weight slices @ x.T: measured ~1.2x faster decoding of the small shape (emb 128), ~1.1x at 124M
+# batch 8, the same at batch 1; for the blocks' matrices that order measured slower.
+SPLIT_WIDE = 16
 
 
 def split_linear(
@@ -151,17 +155,21 @@ def split_linear(
     out_features, in_features = weight.shape
     rows = out_features // parts
     whole = parts * rows  # the rows that divide evenly; the remainder (< parts) follows apart
-    slices = weight[:whole].view(parts, rows, in_features).transpose(1, 2)  # (parts, in, rows)
-    flat = x.reshape(1, -1, in_features)  # (1, N, in)
-    if bias is None:
-        y = torch.bmm(flat.expand(parts, -1, -1), slices)  # (parts, N, rows)
-    else:  # the bias added inside the product, as addmm does for F.linear
-        y = torch.baddbmm(bias[:whole].view(parts, 1, rows), flat.expand(parts, -1, -1), slices)
-    y = y.transpose(0, 1).reshape(flat.size(1), whole)  # (N, whole): the slices side by side
+    slices = weight[:whole].view(parts, rows, in_features)  # (parts, rows, in)
+    flat = x.reshape(-1, in_features)  # (N, in)
+    wide = out_features >= SPLIT_WIDE * in_features
+    if wide:  # (parts, rows, in) @ (parts, in, N) -> (parts, rows, N)
+        a, b, bias_shape = slices, flat.T.expand(parts, -1, -1), (parts, rows, 1)
+    else:  # (parts, N, in) @ (parts, in, rows) -> (parts, N, rows)
+        a, b, bias_shape = flat.expand(parts, -1, -1), slices.transpose(1, 2), (parts, 1, rows)
+    # The bias is added inside the product, as addmm does for F.linear.
+    y = torch.bmm(a, b) if bias is None else torch.baddbmm(bias[:whole].view(bias_shape), a, b)
+    # (N, whole): the slices side by side
+    y = y.reshape(whole, -1).T if wide else y.transpose(0, 1).reshape(-1, whole)
     if whole < out_features:
         rest = None if bias is None else bias[whole:]
-        y = torch.cat([y, F.linear(flat[0], weight[whole:], rest)], dim=-1)
-    return y.view(*x.shape[:-1], out_features)
+        y = torch.cat([y, F.linear(flat, weight[whole:], rest)], dim=-1)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 class KVCache:

@@ -236,7 +236,8 @@ def test_last_only_gives_the_last_positions_logits():
     assert (last[:, 0] - model(idx)[:, -1]).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("out_features", [12, 13])  # divisible by the parts, and with a remainder
+# divisible by the parts, and with a remainder; the last two are wide (the head's orientation)
+@pytest.mark.parametrize("out_features", [12, 13, 128, 129])
 @pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("lead", [(1, 1), (2, 1), (3,)])  # a decode step, batch 2, plain rows
