@@ -119,12 +119,13 @@ class Linear(nn.Linear):
     plain sum reaches).
     The same products up to float rounding; training (many rows) takes the plain path.
 
-    Weights stored in a lower precision than x (generate's dtype=) are multiplied in their own
-    dtype, and the result comes back in x's: the weights are what a decoding step reads.
+    Weights stored narrower than x (half-size weights for fp32 activations: generate's dtype=) are
+    multiplied in their own dtype, and the result comes back in x's: the weights are what a
+    decoding step reads.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype != x.dtype:
+        if self.weight.element_size() < x.element_size():  # not autocast's (bf16 x, fp32 weights)
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
         parts = torch.get_num_threads()
         if (

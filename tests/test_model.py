@@ -279,3 +279,12 @@ def test_linear_with_half_weights_multiplies_in_half_and_answers_in_the_input_dt
     assert y.dtype == torch.float32
     assert torch.equal(y, expected)  # the product ran in dtype: the same rounding
     assert (y - x @ layer.weight.float().T - layer.bias.float()).abs().max() > 0
+
+
+def test_linear_leaves_autocast_inputs_to_autocast():
+    layer = Linear(8, 16)  # fp32 weights
+    x = torch.randn(2, 8).bfloat16()  # what autocast hands on after a bf16 op
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    with pytest.raises(RuntimeError):  # outside autocast a mismatch stays an error, as in F.linear
+        layer(x)
