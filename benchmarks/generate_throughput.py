@@ -111,11 +111,19 @@ def decoders(
     return variants
 
 
-def weight_bytes_per_token(model: GPT) -> int:
+def weight_bytes_per_token(model: GPT, products_dtype: torch.dtype | None = None) -> int:
     """Bytes of weights a batch-1 decode step reads: every parameter once, the tied embedding
     included (the lm_head reads all of it), except the position table, of which one row is read.
+    products_dtype: the Linear layers' parameters counted in that dtype (generate's dtype=).
     The KV cache's reads are left out: a few MB against hundreds at these lengths."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linear = {id(p) for m in linears for p in m.parameters()}
+    total = 0
+    for p in model.parameters():
+        size = p.element_size()
+        if products_dtype is not None and id(p) in linear:
+            size = products_dtype.itemsize
+        total += p.numel() * size
     positions = model.pos_emb.weight
     return total - positions.nbytes + positions[0].nbytes
 
@@ -172,18 +180,21 @@ def main(argv: list[str] | None = None) -> None:
             if batch == 1:
                 batch_one_speed = median
 
-        weight_bytes = weight_bytes_per_token(ours)
-        ceiling = bandwidth / weight_bytes
-        line = (
-            f"{shape}: {weight_bytes / 1e6:,.1f} MB of weights read per token -> at most "
-            f"{ceiling:,.1f} tokens/s at batch 1"
-        )
-        if batch_one_speed:
-            line += "; " + ", ".join(
-                f"{name} {100 * batch_one_speed[name] / ceiling:.0f}% of it"
-                for name in (CACHED, TRANSFORMERS)
+        for label, dtype, names in (
+            (shape, None, (CACHED, TRANSFORMERS)),
+            (f"{shape}, fp16 steps", torch.float16, (HALF,)),
+        ):
+            weight_bytes = weight_bytes_per_token(ours, dtype)
+            ceiling = bandwidth / weight_bytes
+            line = (
+                f"{label}: {weight_bytes / 1e6:,.1f} MB of weights read per token -> at most "
+                f"{ceiling:,.1f} tokens/s at batch 1"
             )
-        roofline_lines.append(line)
+            if batch_one_speed:
+                line += "; " + ", ".join(
+                    f"{name} {100 * batch_one_speed[name] / ceiling:.0f}% of it" for name in names
+                )
+            roofline_lines.append(line)
         del ours, theirs  # both copies of the weights go before the next shape's are built
 
     print(
