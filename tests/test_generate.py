@@ -357,3 +357,17 @@ def test_half_precision_steps_do_not_use_dropout():
         runs.append(generate(model, idx, 8, temperature=0, dtype=torch.bfloat16))
     assert torch.equal(runs[0], runs[1])
     assert model.training  # and the caller's model is back in its mode
+
+
+def test_low_precision_copy_goes_with_its_model():
+    import gc
+
+    from gpt2_lightning.generate import _COPIES, _copy_in
+
+    model = GPT(GPTConfig.from_name("tiny", num_layers=1))
+    _copy_in(model, torch.bfloat16)
+    assert model in _COPIES
+    before = len(_COPIES)
+    del model
+    gc.collect()
+    assert len(_COPIES) == before - 1  # the copy does not keep its model alive
