@@ -138,7 +138,7 @@ def _steps(
             if dtype is not None and dtype != weights_dtype:
                 # A one-token step multiplies one row by every weight matrix: it is bound by the
                 # bytes of weights read, so half-size weights read half the bytes (on this CPU,
-                # without native bf16, 1.2-1.35x at batch 1: see README). Only the products' weights
+                # without native bf16, ~1.4x at batch 1: see README). Only the products' weights
                 # change: norms, attention and the KV cache stay in full precision. The prompt
                 # does too: there a bf16 matrix-matrix product is far slower than fp32.
                 stepper = _copy_in(model, dtype)
