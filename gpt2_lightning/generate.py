@@ -14,6 +14,7 @@ import math
 import sys
 import weakref
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import hydra
 import torch
@@ -179,8 +180,16 @@ def _steps(
     return step_loop()
 
 
-# model -> (dtype, all its parameters, (parameter, converted copy) pairs, the copy): see _copy_in.
-_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _Kept(NamedTuple):
+    """A low-precision copy of a model, as _copy_in keeps it."""
+
+    dtype: torch.dtype
+    params: list[nn.Parameter]  # all the model's parameters when the copy was made
+    pairs: list[tuple[nn.Parameter, nn.Parameter]]  # (model's parameter, its converted copy)
+    copy: nn.Module
+
+
+_COPIES: weakref.WeakKeyDictionary[nn.Module, _Kept] = weakref.WeakKeyDictionary()
 
 
 def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -197,9 +206,9 @@ def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     kept = _COPIES.get(model)
     if kept is not None and _still_fits(kept, dtype, params):
         with torch.no_grad():
-            for p, low_p in kept[2]:
+            for p, low_p in kept.pairs:
                 low_p.copy_(p)
-        return kept[3].eval()
+        return kept.copy.eval()
     memo = {id(p): p for p in params}
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -207,19 +216,18 @@ def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
                 memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
     low = copy.deepcopy(model, memo).eval()
     pairs = [(p, memo[id(p)]) for p in params if memo[id(p)] is not p]
-    _COPIES[model] = (dtype, params, pairs, low)
+    _COPIES[model] = _Kept(dtype, params, pairs, low)
     return low
 
 
-def _still_fits(kept: tuple, dtype: torch.dtype, params: list[nn.Parameter]) -> bool:
+def _still_fits(kept: _Kept, dtype: torch.dtype, params: list[nn.Parameter]) -> bool:
     """Whether a kept copy matches the model now: the same dtype and parameters, and converted
     copies of the same shapes on the same devices."""
-    old_dtype, old_params, pairs, _ = kept
     return (
-        old_dtype == dtype
-        and len(old_params) == len(params)
-        and all(a is b for a, b in zip(old_params, params, strict=True))
-        and all(p.shape == low_p.shape and p.device == low_p.device for p, low_p in pairs)
+        kept.dtype == dtype
+        and len(kept.params) == len(params)
+        and all(a is b for a, b in zip(kept.params, params, strict=True))
+        and all(p.shape == low_p.shape and p.device == low_p.device for p, low_p in kept.pairs)
     )
 
 
