@@ -18,7 +18,9 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import lightning as L
 import numpy as np
@@ -198,46 +200,44 @@ def _write_index(file: Path, text: str) -> None:
     saves time, and a read-only shared cache must still serve its files)."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=file.parent, suffix=".tmp", delete=False) as tmp:
-            try:
-                tmp.write(text)
-            except BaseException:
-                tmp.close()
-                os.unlink(tmp.name)
-                raise
-        os.replace(tmp.name, file)
+        with _atomic(file, "w") as out:
+            out.write(text)
     except OSError:
         pass
 
 
-def _tokenize(files: list[Path] | None, target: Path, progress: bool) -> None:
-    """Write the ids of files (None = embedded corpus) to target, which appears only complete."""
-    cache_dir = target.parent
-    enc = get_tokenizer()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    total = sum(f.stat().st_size for f in files) if files else None
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
-    count = 0
-    eot = np.array([enc.eot_token], dtype=np.uint16).tobytes()
-    with (
-        tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as tmp,
-        ThreadPoolExecutor(os.cpu_count() or 1) as pool,
-    ):
+@contextmanager
+def _atomic(target: Path, mode: str = "wb") -> Iterator[IO]:
+    """A temporary file beside target that becomes target only when the block completes: no reader
+    ever sees it half-written, and an error (or Ctrl-C) inside the block leaves nothing behind."""
+    with tempfile.NamedTemporaryFile(mode, dir=target.parent, suffix=".tmp", delete=False) as tmp:
         try:
-            for batch, size in _documents(files):
-                for ids in encode_documents(batch, pool):
-                    if count:
-                        tmp.write(eot)
-                        count += 1
-                    tmp.write(ids.astype(np.uint16))
-                    count += len(ids)
-                bar.update(size)
+            yield tmp
         except BaseException:
             tmp.close()
             os.unlink(tmp.name)
             raise
-    bar.close()
     os.replace(tmp.name, target)
+
+
+def _tokenize(files: list[Path] | None, target: Path, progress: bool) -> None:
+    """Write the ids of files (None = embedded corpus) to target, which appears only complete."""
+    enc = get_tokenizer()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    total = sum(f.stat().st_size for f in files) if files else None
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    count = 0
+    eot = np.array([enc.eot_token], dtype=np.uint16).tobytes()
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, _atomic(target) as out:
+        for batch, size in _documents(files):
+            for ids in encode_documents(batch, pool):
+                if count:
+                    out.write(eot)
+                    count += 1
+                out.write(ids.astype(np.uint16))
+                count += len(ids)
+            bar.update(size)
+    bar.close()
 
 
 def load_tokens(file: Path) -> np.ndarray:
