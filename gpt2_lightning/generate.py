@@ -125,6 +125,11 @@ def _steps(
     row (B,), one step at a time (a generator's body would only run at the first step)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(model, idx, attention_mask, eos_id)
+    if dtype is not None and dtype not in STEP_DTYPES:
+        raise ValueError(
+            f"dtype={dtype!r} is invalid: use torch.float16 or torch.bfloat16 for half-precision "
+            "steps, torch.float32, or None for the model's own dtype"
+        )
 
     @torch.inference_mode()  # on a generator function, torch enters the mode around each step only
     def step_loop() -> Iterator[torch.Tensor]:
@@ -178,6 +183,10 @@ def _steps(
             model.train(was_training)
 
     return step_loop()
+
+
+# The dtypes generate(dtype=...) runs the one-token steps in (weights no wider than activations).
+STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _Kept(NamedTuple):

@@ -371,3 +371,12 @@ def test_low_precision_copy_goes_with_its_model():
     del model
     gc.collect()
     assert len(_COPIES) == before - 1  # the copy does not keep its model alive
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64, "bfloat16"])
+def test_generate_rejects_a_dtype_it_cannot_step_in(dtype):
+    model = GPT(GPTConfig.from_name("tiny", num_layers=1))
+    with pytest.raises(
+        ValueError, match=r"dtype=.* is invalid: use torch.float16 or torch.bfloat16"
+    ):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), 3, dtype=dtype)
