@@ -10,7 +10,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from gpt2_lightning.tokenizer import get_tokenizer
 
@@ -46,11 +47,20 @@ def sample_text(
     return enc.decode(out[0].tolist())
 
 
+def shards_weights(strategy: Strategy) -> bool:
+    """Whether each rank holds only a shard of the weights (FSDP, ModelParallelStrategy).
+
+    Then no rank can run the model alone: rank 0 would wait for the others' shards forever.
+    """
+    return isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
+
+
 class TextSample(L.Callback):
     """After each validation, generate a sample from a prompt and log it to TensorBoard.
 
     Sampling draws from its own seeded generator, so it never disturbs the training RNG
-    (a resumed run still matches one that never stopped).
+    (a resumed run still matches one that never stopped). Skipped, with one warning, when the
+    strategy shards the weights: sample from the checkpoint with gpt2_lightning.generate instead.
     """
 
     def __init__(
@@ -71,6 +81,13 @@ class TextSample(L.Callback):
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
+            return
+        if shards_weights(trainer.strategy):
+            rank_zero_warn(
+                f"text samples are skipped under {type(trainer.strategy).__name__}: each rank "
+                "holds a shard of the weights; sample from a checkpoint with "
+                "`python -m gpt2_lightning.generate checkpoint=<run>/checkpoints/last.ckpt`"
+            )  # Lightning's rank_zero_warn shows a message once
             return
         self.last_text = sample_text(
             pl_module.model,

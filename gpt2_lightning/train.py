@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2_lightning.callbacks import sample_text
+from gpt2_lightning.callbacks import sample_text, shards_weights
 from gpt2_lightning.weights import WeightsError, load_weights
 
 
@@ -129,7 +129,10 @@ def train(cfg: DictConfig) -> float:
     last_val = float(trainer.callback_metrics.get("val/loss", float("nan")))
 
     if trainer.is_global_zero:
-        text = sample_text(module.model, **cfg.sample, seed=cfg.seed)
+        if shards_weights(trainer.strategy):  # rank 0 holds a shard: it cannot sample alone
+            text = f"(skipped: run python -m gpt2_lightning.generate checkpoint={last_ckpt})"
+        else:
+            text = sample_text(module.model, **cfg.sample, seed=cfg.seed)
         since = f"{first_val:.3f} -> " if first_val is not None else ""
         print(f"\n--- sample (prompt {cfg.sample.prompt!r}) ---\n{text}\n---")
         print(f"steps:      {trainer.global_step} in {time.perf_counter() - start:.0f} s")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -16,10 +17,11 @@ import yaml
 from conftest import ROOT, TINY_RUN, run_module
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from test_train import scalars, text_samples
 
-from gpt2_lightning.model import Block
+from gpt2_lightning.callbacks import TextSample, shards_weights
+from gpt2_lightning.model import GPT, Block, GPTConfig
 from gpt2_lightning.tokenizer import get_tokenizer
 
 # Short trials: no validation before training, one validation at the end (step 3).
@@ -338,3 +340,25 @@ def test_fsdp_preset_shards_and_checkpoints_each_block():
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
+
+
+def test_text_samples_are_skipped_with_a_warning_when_the_weights_are_sharded():
+    assert shards_weights(instantiate(compose_trainer("fsdp").strategy))
+    assert shards_weights(ModelParallelStrategy())
+    assert not shards_weights(DDPStrategy())
+
+    class Sharded(torch.nn.Module):  # a rank's shard: running it alone would hang
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the sample ran the sharded model")
+
+    sample = TextSample(max_new_tokens=3)
+    trainer = SimpleNamespace(sanity_checking=False, strategy=FSDPStrategy(), loggers=[])
+    with pytest.warns(UserWarning, match="skipped under FSDPStrategy.*gpt2_lightning.generate"):
+        sample.on_validation_end(trainer, SimpleNamespace(model=Sharded()))
+    assert sample.last_text is None
+
+    model = GPT(GPTConfig(context_length=16, emb_dim=8, num_layers=1, num_heads=2))
+    trainer.strategy = DDPStrategy()  # every rank holds all the weights: rank 0 samples
+    sample.on_validation_end(trainer, SimpleNamespace(model=model))
+    assert sample.last_text is not None and sample.last_text.startswith("\n")
+    assert len(get_tokenizer().encode(sample.last_text)) >= 2
