@@ -39,8 +39,13 @@ def _seed_cache(cache_dir: Path) -> None:
         if target.exists():
             continue
         with tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as tmp:
-            with (packaged / name).open("rb") as src:
-                shutil.copyfileobj(src, tmp)
+            try:
+                with (packaged / name).open("rb") as src:
+                    shutil.copyfileobj(src, tmp)
+            except BaseException:  # a failed or interrupted copy leaves no stray file behind
+                tmp.close()
+                os.unlink(tmp.name)
+                raise
         os.replace(tmp.name, target)
 
 

@@ -73,3 +73,20 @@ def test_files_are_cached_under_tiktokens_names_and_reused(offline_cache):
     for key, before in stats.items():
         after = (offline_cache / key).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_an_interrupted_copy_leaves_nothing_in_the_cache(offline_cache, monkeypatch):
+    import gpt2_lightning.tokenizer as tokenizer
+
+    def interrupted(src, dst):
+        dst.write(src.read(100))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer.shutil, "copyfileobj", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            get_tokenizer()
+    assert list(offline_cache.iterdir()) == []  # no half-written file under any name
+
+    assert get_tokenizer().encode("hello world") == [31373, 995]  # the next call copies them whole
+    assert len(list(offline_cache.iterdir())) == 2
