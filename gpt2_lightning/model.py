@@ -198,10 +198,11 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.keys[layer], self.values[layer]  # (B, H, max_length, head_dim)
+        T = k.size(2)
+        keys.narrow(2, self.length, T).copy_(k)  # narrow: one view per call, where [:, :, a:b]
+        values.narrow(2, self.length, T).copy_(v)  # costs three (a decode step does 48 of these)
+        return keys.narrow(2, 0, self.length + T), values.narrow(2, 0, self.length + T)
 
 
 class MultiHeadAttention(nn.Module):
