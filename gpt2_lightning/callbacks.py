@@ -87,7 +87,7 @@ class TextSample(L.Callback):
                 f"text samples are skipped under {type(trainer.strategy).__name__}: each rank "
                 "holds a shard of the weights; sample from a checkpoint with "
                 "`python -m gpt2_lightning.generate checkpoint=<run>/checkpoints/last.ckpt`"
-            )  # Lightning's rank_zero_warn shows a message once
+            )  # warnings.warn underneath: Python shows it once, not after every validation
             return
         self.last_text = sample_text(
             pl_module.model,
