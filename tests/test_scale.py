@@ -1,6 +1,7 @@
 """Scaling out and sweeps: DDP ranks, trainer presets, precision, Hydra multirun and Optuna.
 
-Every run is a subprocess: `strategy=ddp` inside the pytest process would relaunch pytest.
+Runs with several ranks are subprocesses: `strategy=ddp` inside the pytest process would relaunch
+pytest.
 """
 
 from __future__ import annotations
@@ -362,3 +363,23 @@ def test_text_samples_are_skipped_with_a_warning_when_the_weights_are_sharded():
     sample.on_validation_end(trainer, SimpleNamespace(model=model))
     assert sample.last_text is not None and sample.last_text.startswith("\n")
     assert len(get_tokenizer().encode(sample.last_text)) >= 2
+
+
+def test_the_final_sample_under_a_sharding_strategy_names_the_generate_command(
+    tmp_path, token_cache, monkeypatch, capsys
+):
+    import gpt2_lightning.train as train_module
+
+    overrides = [*TINY_RUN, f"data.cache_dir={token_cache}", f"run_dir={tmp_path / 'run'}"]
+    overrides += ["trainer.max_steps=1", "val_before_fit=false", "~callbacks.text_sample"]
+    with initialize_config_dir(str(ROOT / "gpt2_lightning" / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    # Lightning runs FSDP on GPUs only: stand in for it by saying the weights are sharded.
+    monkeypatch.setattr(train_module, "shards_weights", lambda strategy: True)
+    monkeypatch.setattr(train_module, "sample_text", None)  # calling it would fail the test
+    train_module.train(cfg)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert f"(skipped: run python -m gpt2_lightning.generate checkpoint={last})" in (
+        capsys.readouterr().out
+    )
+    assert last.is_file()
