@@ -130,6 +130,15 @@ def _steps(
             f"dtype={dtype!r} is invalid: use torch.float16 or torch.bfloat16 for half-precision "
             "steps, torch.float32, or None for the model's own dtype"
         )
+    weights_dtype = next(model.parameters()).dtype
+    if dtype not in (None, weights_dtype) and dtype.itemsize >= weights_dtype.itemsize:
+        # The steps convert the products' weights to a narrower dtype; the activations keep the
+        # model's. fp16 weights with bf16 activations (or fp32 with bf16) would not multiply.
+        raise ValueError(
+            f"dtype={dtype!r} is invalid for a model whose weights are {weights_dtype}: "
+            "half-precision steps need a wider (e.g. float32) model; use dtype=None, or call "
+            "model.float() first"
+        )
 
     @torch.inference_mode()  # on a generator function, torch enters the mode around each step only
     def step_loop() -> Iterator[torch.Tensor]:
@@ -138,7 +147,6 @@ def _steps(
         cache = None
         stepper = model  # runs the one-token steps
         if use_cache and prompt_length <= context:
-            weights_dtype = next(model.parameters()).dtype
             max_length = min(context, prompt_length + max_new_tokens)
             cache = KVCache(model.cfg, batch, max_length, idx.device, weights_dtype)
             if dtype is not None and dtype != weights_dtype:

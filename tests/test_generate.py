@@ -380,3 +380,13 @@ def test_generate_rejects_a_dtype_it_cannot_step_in(dtype):
         ValueError, match=r"dtype=.* is invalid: use torch.float16 or torch.bfloat16"
     ):
         generate(model, torch.zeros(1, 2, dtype=torch.long), 3, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_half_steps_of_a_model_already_in_bf16_are_refused_in_one_line(dtype):
+    model = GPT(GPTConfig.from_name("tiny", num_layers=1)).to(torch.bfloat16)
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"invalid for a model whose weights are torch.bfloat16"):
+        generate(model, idx, 3, dtype=dtype)
+    for fine in (None, torch.bfloat16):  # its own dtype: the model steps as it is
+        assert generate(model, idx, 3, temperature=0, dtype=fine).shape == (1, 5)
