@@ -80,6 +80,7 @@ class GPTLightningModule(L.LightningModule):
             self.model.compile()
         self.val_loss = MeanMetric()  # token-weighted mean, synced across ranks
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (MFU)
+        self.validated_at_step: int | None = None  # the global step of the last validation
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -102,6 +103,7 @@ class GPTLightningModule(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss))
+        self.validated_at_step = self.global_step
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Before clipping: the norm the clip threshold is compared with.

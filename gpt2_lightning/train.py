@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -19,10 +20,14 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
+from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
@@ -66,6 +71,48 @@ def check_checkpoint(path: str) -> None:
         ) from None
 
 
+CONF = Path(__file__).parent / "conf"
+
+
+def check_config_choices(args: list[str]) -> None:
+    """Refuse, in one line, a config-group choice that conf/ does not have (model=125M, ...).
+
+    Hydra's own message for it is a dozen lines (options, search path, a hint); this check reads
+    the overrides with Hydra's parser, sweeps included, and leaves everything else to Hydra.
+    Config folders added with --config-dir or hydra.searchpath may hold more options: skipped then.
+    """
+    if any(re.match(r"(-cd|--config-dir|-cp|--config-path|hydra\.searchpath)\b", a) for a in args):
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a])
+    except HydraException:
+        return  # not an override Hydra can read: its own message says why
+    for override in overrides:
+        group = CONF / override.key_or_group
+        if not group.is_dir() or override.is_delete():
+            continue
+        if override.is_sweep_override():
+            if override.value_type != ValueType.SIMPLE_CHOICE_SWEEP:
+                continue  # choice(), glob(), range(): left to Hydra
+            values = [v for v in override.sweep_string_iterator() if not v.startswith("[")]
+        else:
+            value = override.value()  # one option, or a list of them (logger=[tensorboard,csv])
+            values = value if isinstance(value, list) else [value]
+        name = override.key_or_group
+        options = ", ".join(sorted((f.stem for f in group.glob("*.yaml")), key=natural_order))
+        for value in values:
+            if value is None:
+                raise ValueError(f"{name}=null is not an option: valid are {options}, or ~{name}")
+            if not (group / f"{value}.yaml").is_file():
+                raise ValueError(f"{name}={value} is unknown: valid are {options}")
+
+
+def natural_order(name: str) -> tuple[int, str]:
+    """124M before 355M before 1558M, then names without a number."""
+    number = re.match(r"\d+", name)
+    return (int(number.group()) if number else 1 << 62, name)
+
+
 def check_not_relaunched_in_multirun(trainer: L.Trainer) -> None:
     """Refuse a multirun whose strategy starts its ranks by running this command again (ddp, fsdp).
 
@@ -105,8 +152,11 @@ def train(cfg: DictConfig) -> float:
     module = instantiate(cfg.module)
     if pretrained is not None:
         module.model.load_state_dict(pretrained.state_dict())
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    # ~callbacks / ~logger on the command line drop the whole group
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    if not loggers:  # LearningRateMonitor refuses to run without a logger to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     check_not_relaunched_in_multirun(trainer)
 
@@ -126,6 +176,10 @@ def train(cfg: DictConfig) -> float:
                 file=sys.stderr,
             )
         sys.exit(128 + signal.SIGTERM)  # the exit status of a process ended by SIGTERM
+    if module.validated_at_step != trainer.global_step and not trainer.interrupted:
+        # max_steps is not a multiple of val_check_interval: validate the final weights too, so
+        # the summary, the TensorBoard curve and a sweep's objective end at the last step.
+        trainer.validate(module, datamodule, verbose=False)
     last_val = float(trainer.callback_metrics.get("val/loss", float("nan")))
 
     if trainer.is_global_zero:
@@ -138,7 +192,8 @@ def train(cfg: DictConfig) -> float:
         print(f"steps:      {trainer.global_step} in {time.perf_counter() - start:.0f} s")
         print(f"val loss:   {since}{last_val:.3f}")
         print(f"checkpoint: {last_ckpt}")
-        print(f"tensorboard --logdir {cfg.run_dir}")
+        if any(isinstance(logger, TensorBoardLogger) for logger in loggers):
+            print(f"tensorboard --logdir {cfg.run_dir}")
     return last_val
 
 
@@ -170,4 +225,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        check_config_choices(sys.argv[1:])
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     main()

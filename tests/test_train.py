@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -52,6 +53,18 @@ def test_cli_run_writes_checkpoint_tensorboard_and_summary(run_train, tmp_path):
     assert "tensorboard --logdir" in result.stdout
     model = GPT.from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert model.cfg.num_layers == 2
+
+
+def test_run_without_logger_validates_its_final_step(run_train, tmp_path):
+    # 4 steps, validation every 3: the last validation would be at step 3 without the final one
+    result = run_train("~logger", "trainer.max_steps=4")
+    assert result.returncode == 0, result.stderr
+    summary = re.search(r"val loss: +([0-9.]+) -> ([0-9.a-z]+)", result.stdout)
+    assert summary is not None, result.stdout
+    assert 0 < float(summary[2]) < float(summary[1])  # finite (was nan), below the start
+    assert "tensorboard" not in result.stdout
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
 @pytest.fixture

@@ -31,14 +31,24 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def test_unknown_model_size_lists_the_valid_ones(run_train, tmp_path):
-    result = run_train("model=7B")
-    assert result.returncode == 1
-    text = output(result)
-    assert "Traceback" not in text
-    assert "Could not find 'model/7B'" in text
-    options = text.split("Available options in 'model':")[1].split()
-    assert options[:5] == ["124M", "1558M", "355M", "774M", "tiny"]
+    line = error_line(run_train("model=7B"))
+    assert line == "error: model=7B is unknown: valid are 124M, 355M, 774M, 1558M, tiny"
     assert not (tmp_path / "run").exists()  # nothing ran, no run folder
+
+
+def test_unknown_option_in_a_sweep_is_refused_before_any_job(run_train, tmp_path):
+    sweep = f"hydra.sweep.dir={tmp_path}/sweep"
+    result = run_train("-m", "model=tiny,7B", "trainer=cpu,gpus", sweep)
+    line = error_line(result)
+    assert line == "error: model=7B is unknown: valid are 124M, 355M, 774M, 1558M, tiny"
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_null_group_choice_names_the_way_to_drop_a_group(run_train):
+    line = error_line(run_train("logger=[tensorboard,cvs]"))
+    assert line == "error: logger=cvs is unknown: valid are csv, tensorboard"
+    line = error_line(run_train("logger=null"))  # Hydra itself would print a traceback
+    assert line == "error: logger=null is not an option: valid are csv, tensorboard, or ~logger"
 
 
 def test_unknown_key_is_refused_by_hydra(run_train, tmp_path):
