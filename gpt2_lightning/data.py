@@ -225,10 +225,14 @@ def _tokenize(files: list[Path] | None, target: Path, progress: bool) -> None:
     enc = get_tokenizer()
     target.parent.mkdir(parents=True, exist_ok=True)
     total = sum(f.stat().st_size for f in files) if files else None
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     count = 0
     eot = np.array([enc.eot_token], dtype=np.uint16).tobytes()
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, _atomic(target) as out:
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    with (
+        bar,  # closed on failure too
+        ThreadPoolExecutor(os.cpu_count() or 1) as pool,
+        _atomic(target) as out,
+    ):
         for batch, size in _documents(files):
             for ids in encode_documents(batch, pool):
                 if count:
@@ -237,7 +241,6 @@ def _tokenize(files: list[Path] | None, target: Path, progress: bool) -> None:
                 out.write(ids.astype(np.uint16))
                 count += len(ids)
             bar.update(size)
-    bar.close()
 
 
 def load_tokens(file: Path) -> np.ndarray:
