@@ -176,10 +176,6 @@ def train(cfg: DictConfig) -> float:
                 file=sys.stderr,
             )
         sys.exit(128 + signal.SIGTERM)  # the exit status of a process ended by SIGTERM
-    if module.validated_at_step != trainer.global_step and not trainer.interrupted:
-        # max_steps is not a multiple of val_check_interval: validate the final weights too, so
-        # the summary, the TensorBoard curve and a sweep's objective end at the last step.
-        trainer.validate(module, datamodule, verbose=False)
     last_val = float(trainer.callback_metrics.get("val/loss", float("nan")))
 
     if trainer.is_global_zero:

@@ -61,10 +61,13 @@ def test_run_without_logger_validates_its_final_step(run_train, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = re.search(r"val loss: +([0-9.]+) -> ([0-9.a-z]+)", result.stdout)
     assert summary is not None, result.stdout
-    assert 0 < float(summary[2]) < float(summary[1])  # finite (was nan), below the start
+    assert 0 < float(summary[2]) < float(summary[1])
     assert "tensorboard" not in result.stdout
     assert not (tmp_path / "run" / "tensorboard").exists()
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    # the best-k checkpoints are written at validations: one was at step 4, the last
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step*.ckpt"))
+    assert [name[:10] for name in names] == ["step000003", "step000004"]
 
 
 @pytest.fixture
