@@ -16,7 +16,7 @@ from gpt2_lightning.model import GPT, GPTConfig
 
 
 class WarmupCosine:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to min_lr / lr.
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to min_ratio.
 
     A callable object rather than a lambda, so LambdaLR can save it in a checkpoint.
     """
@@ -47,6 +47,47 @@ class Constant:
 SCHEDULES = ("cosine", "constant")
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
+    """Raise ValueError naming the first optimizer or scheduler setting that is invalid."""
+    lr, decay, betas, eps = (optimizer[k] for k in ("lr", "weight_decay", "betas", "eps"))
+    if not _number(lr) or lr < 0:
+        raise ValueError(f"optimizer.lr={lr!r} is invalid: must be a number >= 0")
+    if not _number(decay) or decay < 0:
+        raise ValueError(f"optimizer.weight_decay={decay!r} is invalid: must be a number >= 0")
+    if not (
+        isinstance(betas, list | tuple)
+        and len(betas) == 2
+        and all(_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        raise ValueError(
+            f"optimizer.betas={betas!r} is invalid: must be two numbers in [0, 1), e.g. [0.9,0.95]"
+        )
+    if not _number(eps) or eps <= 0:
+        raise ValueError(f"optimizer.eps={eps!r} is invalid: must be a number > 0")
+    name, warmup = scheduler["name"], scheduler["warmup_steps"]
+    if name not in SCHEDULES:
+        raise ValueError(f"scheduler.name={name!r} is unknown: valid are {', '.join(SCHEDULES)}")
+    if not _count(warmup):
+        raise ValueError(f"scheduler.warmup_steps={warmup!r} is invalid: must be an integer >= 0")
+    if name == "cosine":
+        total, ratio = scheduler["total_steps"], scheduler["min_lr_ratio"]
+        if not _count(total) or total < 1:
+            raise ValueError(
+                f"scheduler.total_steps={total!r} is invalid: the cosine schedule needs a "
+                "positive horizon (set trainer.max_steps or scheduler.total_steps)"
+            )
+        if not _number(ratio) or not 0 <= ratio <= 1:
+            raise ValueError(f"scheduler.min_lr_ratio={ratio!r} is invalid: must be in [0, 1]")
+
+
 class GPTLightningModule(L.LightningModule):
     """Trains GPT on next-token prediction.
 
@@ -62,17 +103,7 @@ class GPTLightningModule(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        if scheduler["name"] not in SCHEDULES:
-            raise ValueError(
-                f"scheduler.name={scheduler['name']!r} is unknown: valid are {', '.join(SCHEDULES)}"
-            )
-        if scheduler["name"] == "cosine" and scheduler["total_steps"] < 1:
-            raise ValueError(
-                f"scheduler.total_steps={scheduler['total_steps']} is invalid: the cosine "
-                "schedule needs a positive horizon (set trainer.max_steps or scheduler.total_steps)"
-            )
-        if optimizer["lr"] < 0:
-            raise ValueError(f"optimizer.lr={optimizer['lr']!r} is invalid: must be >= 0")
+        check_optimization(optimizer, scheduler)
         self.save_hyperparameters()
         self.model = GPT(GPTConfig(**model))
         if compile:
@@ -149,8 +180,9 @@ class GPTLightningModule(L.LightningModule):
         )
         sched = self.hparams.scheduler
         if sched["name"] == "cosine":
-            min_ratio = sched["min_lr"] / opt["lr"] if opt["lr"] else 1.0
-            factor = WarmupCosine(sched["warmup_steps"], sched["total_steps"], min_ratio)
+            factor = WarmupCosine(
+                sched["warmup_steps"], sched["total_steps"], sched["min_lr_ratio"]
+            )
         else:
             factor = Constant(sched["warmup_steps"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -161,6 +161,46 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
     assert after < 1.0
 
 
+TINY_MODEL = dict(vocab_size=64, context_length=8, emb_dim=16, num_layers=1, num_heads=2)
+ADAMW = dict(lr=1e-3, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8)
+COSINE = dict(name="cosine", warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_ratio_of_the_peak():
+    module = GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=COSINE)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(12):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.5e-3, 1e-3, 1e-3])  # warmup, then the peak
+    assert lrs[6] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way down the cosine
+    assert lrs[10:] == pytest.approx([1e-4, 1e-4])  # 0.1 x the peak, then held
+
+
+@pytest.mark.parametrize(
+    ("group", "key", "value", "message"),
+    [
+        ("optimizer", "lr", "abc", "optimizer.lr='abc' is invalid: must be a number >= 0"),
+        ("optimizer", "weight_decay", -1, "optimizer.weight_decay=-1 is invalid"),
+        ("optimizer", "betas", [0.9], "optimizer.betas=[0.9] is invalid: must be two numbers"),
+        ("optimizer", "betas", [2, 3], "optimizer.betas=[2, 3] is invalid"),
+        ("optimizer", "eps", 0, "optimizer.eps=0 is invalid: must be a number > 0"),
+        ("scheduler", "name", "linear", "scheduler.name='linear' is unknown: valid are cosine"),
+        ("scheduler", "warmup_steps", -5, "scheduler.warmup_steps=-5 is invalid"),
+        ("scheduler", "min_lr_ratio", 2, "scheduler.min_lr_ratio=2 is invalid: must be in [0, 1]"),
+        ("scheduler", "total_steps", 0, "scheduler.total_steps=0 is invalid"),
+    ],
+)
+def test_bad_optimizer_or_schedule_setting_is_named(group, key, value, message):
+    settings = {"optimizer": dict(ADAMW), "scheduler": dict(COSINE)}
+    settings[group][key] = value
+    with pytest.raises(ValueError) as error:
+        GPTLightningModule(model=TINY_MODEL, **settings)
+    assert str(error.value).startswith(message)
+
+
 def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
@@ -169,7 +209,7 @@ def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
     # lr 0: the run must end with exactly the weights it started from
-    result = run_train(f"init_from={tmp_path / 'hf'}", "optimizer.lr=0", "scheduler.min_lr=0")
+    result = run_train(f"init_from={tmp_path / 'hf'}", "optimizer.lr=0")
     assert result.returncode == 0, result.stderr
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     model_cfg = ckpt["hyper_parameters"]["model"]
