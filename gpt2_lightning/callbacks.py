@@ -71,6 +71,9 @@ class TextSample(L.Callback):
         top_k: int | None = 40,
         seed: int = 0,
     ):
+        from gpt2_lightning.generate import check_sampling
+
+        check_sampling(max_new_tokens, temperature, top_k)  # now, not after the first validation
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

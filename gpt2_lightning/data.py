@@ -14,6 +14,7 @@ import glob
 import hashlib
 import os
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -269,13 +270,14 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
+        if not isinstance(val_fraction, int | float) or not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction!r} is invalid: must be in [0, 1)")
-        for name, value in (("batch_size", batch_size), ("context_length", context_length)):
-            if value < 1:
+        sizes = {"batch_size": batch_size, "context_length": context_length, "stride": stride}
+        for name, value in sizes.items():
+            if value is None and name == "stride":
+                continue  # stride defaults to context_length: windows that do not overlap
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"data.{name}={value!r} is invalid: must be a positive integer")
-        if stride is not None and stride < 1:
-            raise ValueError(f"data.stride={stride!r} is invalid: must be a positive integer")
         if path is not None:
             source_files(path)  # fail now, before a trainer is built, if the path is wrong
         self.path = path
@@ -363,14 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         file = tokenize_to_cache(args.path, args.cache_dir, progress=True)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: a --cache-dir that cannot be a folder
         print(f"error: {error}", file=sys.stderr)
         return 1
     if file.stat().st_size == 0:
         print(f"error: {args.path!r} holds no text: the corpus is empty", file=sys.stderr)
         return 1
     print(f"{file.stat().st_size // 2:,} tokens cached in {file}")
-    print(f"train on them with: python -m gpt2_lightning.train data.path={args.path}")
+    keys = [f"data.path={args.path}"]
+    if args.cache_dir:
+        keys.append(f"data.cache_dir={args.cache_dir}")
+    command = " ".join(shlex.quote(key) for key in keys)  # a glob stays one argument
+    print(f"train on them with: python -m gpt2_lightning.train {command}")
     return 0
 
 

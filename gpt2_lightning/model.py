@@ -50,7 +50,7 @@ class GPTConfig:
                 f"emb_dim={self.emb_dim} is not divisible by num_heads={self.num_heads}: "
                 "choose num_heads that divides emb_dim"
             )
-        if not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} is invalid: must be in [0, 1)")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r} is unknown: valid norms are {', '.join(NORMS)}")

@@ -111,6 +111,7 @@ class GPTLightningModule(L.LightningModule):
             self.model.compile()
         self.val_loss = MeanMetric()  # token-weighted mean, synced across ranks
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (MFU)
+        self.validated_at_step: int | None = None  # the global step of the last validation
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -125,13 +126,6 @@ class GPTLightningModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # At max_steps, ask Lightning to stop, as EarlyStopping does: it validates before it
-        # stops, so the last val/loss (the summary, a sweep's objective) is of the final weights
-        # even when max_steps is not a multiple of val_check_interval.
-        if 0 < self.trainer.max_steps <= self.global_step:
-            self.trainer.should_stop = True
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.val_loss.update(self.loss(batch), weight=batch[1].numel())
 
@@ -140,6 +134,7 @@ class GPTLightningModule(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss))
+        self.validated_at_step = self.global_step
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Before clipping: the norm the clip threshold is compared with.

@@ -22,18 +22,21 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import CompactHydraException, HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2_lightning.callbacks import sample_text, shards_weights
+from gpt2_lightning.callbacks import ProgressBar, sample_text, shards_weights
+from gpt2_lightning.generate import check_sampling
+from gpt2_lightning.model import GPTConfig
+from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.weights import WeightsError, load_weights
 
 
@@ -54,8 +57,9 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
 
 
-def check_checkpoint(path: str) -> None:
-    """Fail early, with one line, on a ckpt_path that does not exist or cannot be read."""
+def check_checkpoint(path: str, model: DictConfig) -> None:
+    """Fail early, with one line, on a ckpt_path that does not exist, cannot be read, or holds
+    another architecture than the config's model (resume needs the same one)."""
     if not Path(path).is_file():
         raise ValueError(
             f"ckpt_path={path!r} does not exist: give a .ckpt written by a training run, "
@@ -63,12 +67,20 @@ def check_checkpoint(path: str) -> None:
         )
     try:
         # mmap: checks the archive without reading the tensors into memory
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved_model = saved["hyper_parameters"]["model"]
     except Exception as error:
         raise ValueError(
             f"ckpt_path={path!r} is not a readable Lightning checkpoint "
             f"({type(error).__name__}): give a .ckpt written by a training run"
         ) from None
+    for key, value in saved_model.items():
+        if key != "dropout" and model.get(key) != value:
+            raise ValueError(
+                f"ckpt_path={path!r} holds a model with {key}={value!r}, not model.{key}="
+                f"{model.get(key)!r}: resume with the run's model settings, or start a new run "
+                "from its weights with init_from=<the .ckpt>"
+            )
 
 
 CONF = Path(__file__).parent / "conf"
@@ -113,6 +125,60 @@ def natural_order(name: str) -> tuple[int, str]:
     return (int(number.group()) if number else 1 << 62, name)
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Fail in one line, before anything is built, on a setting that would otherwise fail deep
+    inside a run (a division by zero in Lightning's loop, a sample after the first validation)
+    or be misread (compile=maybe taken as true)."""
+    for key in ("compile", "val_before_fit"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"{key}={cfg[key]!r} is invalid: use true or false")
+    if not _integer(cfg.seed) or not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed={cfg.seed!r} is invalid: must be an integer in [0, 2**32)")
+    try:
+        check_sampling(cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k)
+    except ValueError as error:
+        raise ValueError(f"sample.{error}") from None
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if not _integer(max_steps) or max_steps < -1:
+        raise ValueError(f"trainer.max_steps={max_steps!r} is invalid: must be an integer >= 0")
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    if not _integer(accumulate) or accumulate < 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accumulate!r} is invalid: must be an integer >= 1"
+        )
+    interval = cfg.trainer.get("val_check_interval")
+    if interval is not None and (isinstance(interval, bool | str) or interval <= 0):
+        raise ValueError(
+            f"trainer.val_check_interval={interval!r} is invalid: must be a number of batches "
+            ">= 1, a fraction of an epoch in (0, 1], or null"
+        )
+
+
+def check_model(cfg: DictConfig) -> None:
+    """The model settings, named as on the command line, and against the data they will see."""
+    try:
+        model = GPTConfig(**cfg.model)
+    except ValueError as error:
+        raise ValueError(f"model.{error}") from None
+    vocab = get_tokenizer().n_vocab
+    if model.vocab_size < vocab:
+        raise ValueError(
+            f"model.vocab_size={model.vocab_size} is too small for the GPT-2 tokenizer's {vocab} "
+            f"ids: use >= {vocab}"
+        )
+    length = cfg.data.context_length
+    if _integer(length) and length > model.context_length:
+        raise ValueError(
+            f"data.context_length={length} is longer than model.context_length="
+            f"{model.context_length}: windows must fit the model (data's follows the model's "
+            "by default)"
+        )
+
+
 def check_not_relaunched_in_multirun(trainer: L.Trainer) -> None:
     """Refuse a multirun whose strategy starts its ranks by running this command again (ddp, fsdp).
 
@@ -138,8 +204,9 @@ class CreateSweepDir(Callback):
 
 def train(cfg: DictConfig) -> float:
     """Train as cfg says; return the final val/loss (the objective of sweeps)."""
+    check_settings(cfg)
     if cfg.ckpt_path:
-        check_checkpoint(cfg.ckpt_path)
+        check_checkpoint(cfg.ckpt_path, cfg.model)
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     pretrained = None
@@ -148,6 +215,7 @@ def train(cfg: DictConfig) -> float:
         pretrained = load_weights(str(cfg.init_from))
         with open_dict(cfg):
             cfg.model = {**pretrained.cfg.to_dict(), "dropout": cfg.model.dropout}
+    check_model(cfg)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
     if pretrained is not None:
@@ -157,7 +225,16 @@ def train(cfg: DictConfig) -> float:
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     if not loggers:  # LearningRateMonitor refuses to run without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it must hide
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    try:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    except InstantiationException as error:
+        # Lightning's own checks of its arguments (devices=0, accelerator=tpu, ...)
+        cause = error.__cause__
+        if isinstance(cause, TypeError | MisconfigurationException | ModuleNotFoundError):
+            raise ValueError(f"trainer: {cause}") from None
+        raise
     check_not_relaunched_in_multirun(trainer)
 
     start = time.perf_counter()
@@ -176,6 +253,12 @@ def train(cfg: DictConfig) -> float:
                 file=sys.stderr,
             )
         sys.exit(128 + signal.SIGTERM)  # the exit status of a process ended by SIGTERM
+    if module.validated_at_step != trainer.global_step and not trainer.interrupted:
+        # max_steps is not a multiple of val_check_interval: validate the final weights too, so
+        # the summary, the TensorBoard curve and a sweep's objective end at the last step. After
+        # fit, not inside it: asking fit to stop early (should_stop) would also end the epoch,
+        # and a resumed run would start the next one. (ddp_spawn starts its processes again.)
+        trainer.validate(module, datamodule, verbose=False)
     last_val = float(trainer.callback_metrics.get("val/loss", float("nan")))
 
     if trainer.is_global_zero:
@@ -204,6 +287,10 @@ def user_error(error: BaseException) -> BaseException | None:
     return error if isinstance(error, EXPECTED_ERRORS) else None
 
 
+class JobConfigError(CompactHydraException):
+    """A config mistake inside a multirun job; Hydra prints it as its message alone."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
@@ -212,11 +299,15 @@ def main(cfg: DictConfig) -> float:
         cause = user_error(error)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # A failed job, not the end of the process: Optuna marks the trial FAIL and goes on;
+            # the basic sweeper stops, and Hydra prints this one line (a compact error).
+            raise JobConfigError(f"error: {cause}") from None
         # Hydra prints escaping exceptions as tracebacks; expected mistakes get one line.
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(1)
-    # The sweep's objective. Optuna fails the whole sweep on a NaN (a run that diverged, or ended
-    # before its first validation); such a run counts as the worst instead.
+    # The sweep's objective. Optuna fails the whole sweep on a NaN (a run that diverged); such a
+    # run counts as the worst instead.
     return val_loss if math.isfinite(val_loss) else math.inf
 
 

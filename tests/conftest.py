@@ -23,7 +23,6 @@ TINY_RUN = [
     "trainer.max_steps=6",
     "trainer.val_check_interval=3",
     "trainer.limit_val_batches=2",
-    "~callbacks.progress_bar",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "sample.max_new_tokens=8",

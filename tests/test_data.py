@@ -466,6 +466,10 @@ def test_glob_matching_nothing_is_refused(tmp_path):
         ({"batch_size": 0}, "data.batch_size=0 is invalid"),
         ({"context_length": 0}, "data.context_length=0 is invalid"),
         ({"stride": 0}, "data.stride=0 is invalid"),
+        ({"val_fraction": "abc"}, "data.val_fraction='abc' is invalid"),
+        ({"batch_size": "abc"}, "data.batch_size='abc' is invalid: must be a positive integer"),
+        ({"context_length": 2.5}, "data.context_length=2.5 is invalid"),
+        ({"stride": "abc"}, "data.stride='abc' is invalid"),
     ],
 )
 def test_invalid_numbers_are_refused(kwargs, message):
@@ -484,6 +488,9 @@ def test_prepare_command_caches_and_reports_the_count(tmp_path):
     n = len(get_tokenizer().encode_ordinary(TEXT))
     (target,) = cache.glob("*.bin")
     assert f"{n:,} tokens cached in {target}" in result.stdout
+    # the hint for training names the same cache, quoted for the shell
+    hint = f"python -m gpt2_lightning.train data.path={file} data.cache_dir={cache}"
+    assert hint in result.stdout
     assert len(load_tokens(target)) == n
     # The same cache file the training run will look up.
     assert tokenize_to_cache(file, cache) == target
@@ -501,6 +508,18 @@ def test_prepare_command_names_a_missing_path(tmp_path):
     assert lines[0].startswith("error: ")
     assert str(missing) in lines[0]
     assert list(tmp_path.iterdir()) == []  # no cache file, no temp file
+
+
+def test_prepare_command_refuses_a_cache_dir_that_is_a_file(tmp_path, capsys):
+    from gpt2_lightning.data import main
+
+    corpus = write(tmp_path / "text.txt", TEXT)
+    not_a_dir = write(tmp_path / "cache", "a file")
+    assert main(["prepare", str(corpus), "--cache-dir", str(not_a_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert str(not_a_dir) in err
+    assert not_a_dir.read_text() == "a file"
 
 
 def test_prepare_command_refuses_an_empty_corpus(tmp_path, capsys):

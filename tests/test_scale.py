@@ -245,9 +245,9 @@ def test_optuna_sweep_resumes_its_study(token_cache, tmp_path):
 
 def test_optuna_sweep_survives_failed_and_unvalidated_trials(token_cache, tmp_path):
     # The search is over one choice, and with sampler seed 0 trial 0 draws "bogus", trial 1
-    # "norm". gradient_clip_algorithm=bogus makes the Trainer raise: trial 0 is marked FAIL and
-    # the sweep goes on. Trial 1 stops before its first validation (step 3), so its objective is
-    # +inf rather than a NaN, which Optuna refuses (ending the whole sweep).
+    # "norm". gradient_clip_algorithm=bogus makes the Trainer refuse it: trial 0 is marked FAIL
+    # and the sweep goes on. Trial 1 stops before its first scheduled validation (step 3); the
+    # one at its last step gives it a finite objective.
     result = optuna_sweep(
         token_cache,
         tmp_path / "sweep",
@@ -262,12 +262,12 @@ def test_optuna_sweep_survives_failed_and_unvalidated_trials(token_cache, tmp_pa
         (t.params["+trainer.gradient_clip_algorithm"], t.state, t.value)
         for t in study_trials(tmp_path / "sweep")
     ]
-    assert outcomes == [
-        ("bogus", optuna.trial.TrialState.FAIL, None),
-        ("norm", optuna.trial.TrialState.COMPLETE, math.inf),
-    ]
+    assert outcomes[0] == ("bogus", optuna.trial.TrialState.FAIL, None)
+    assert outcomes[1][:2] == ("norm", optuna.trial.TrialState.COMPLETE)
+    assert 9.0 < outcomes[1][2] < 11.5  # validated at step 2
+    assert "Failed experiment: error: trainer: `gradient_clip_algorithm` bogus" in output(result)
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
-    assert best["best_value"] == math.inf
+    assert best["best_value"] == outcomes[1][2]
 
 
 def test_bf16_mixed_run_ends_with_a_finite_loss(run_train, tmp_path):
@@ -309,7 +309,8 @@ def test_multirun_with_ddp_spawn_runs_each_job_on_two_ranks(tmp_path, token_cach
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 2
+    # twice a job: ddp_spawn starts its processes again for the validation at the last step
+    assert result.stderr.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 4
     for num in (0, 1):
         assert last_checkpoint(tmp_path / "sweep" / str(num))["global_step"] == 3
 
@@ -383,3 +384,10 @@ def test_the_final_sample_under_a_sharding_strategy_names_the_generate_command(
         capsys.readouterr().out
     )
     assert last.is_file()
+
+
+def test_text_sample_checks_its_settings_when_built():
+    with pytest.raises(ValueError, match=r"^top_k=0 is invalid"):
+        TextSample(top_k=0)  # not after the first validation, when checkpoints exist
+    with pytest.raises(ValueError, match=r"^temperature=-1 is invalid"):
+        TextSample(temperature=-1)

@@ -9,8 +9,12 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from conftest import run_module
+from conftest import ROOT, run_module
+from hydra import compose, initialize_config_dir
+
+from gpt2_lightning.train import check_checkpoint, check_model, check_settings
 
 
 def output(result: subprocess.CompletedProcess) -> str:
@@ -91,6 +95,76 @@ def test_num_heads_that_does_not_divide_emb_dim(run_train, tmp_path):
     line = error_line(run_train("model.emb_dim=32", "model.num_heads=3"))
     assert "emb_dim=32 is not divisible by num_heads=3" in line
     assert "choose num_heads that divides emb_dim" in line
+    assert checkpoints(tmp_path / "run") == []
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(str(ROOT / "gpt2_lightning" / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("compile=maybe", "compile='maybe' is invalid: use true or false"),
+        ("val_before_fit=1", "val_before_fit=1 is invalid: use true or false"),
+        ("seed=abc", "seed='abc' is invalid: must be an integer"),
+        ("seed=-1", "seed=-1 is invalid: must be an integer in [0, 2**32)"),
+        ("sample.max_new_tokens=-1", "sample.max_new_tokens=-1 is invalid"),
+        ("sample.temperature=-1", "sample.temperature=-1 is invalid"),
+        ("sample.top_k=abc", "sample.top_k='abc' is invalid"),
+        ("trainer.max_steps=abc", "trainer.max_steps='abc' is invalid"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is invalid"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid"),
+    ],
+)
+def test_bad_setting_is_named_before_anything_is_built(override, message):
+    check_settings(compose_train())  # the defaults pass
+    with pytest.raises(ValueError) as error:
+        check_settings(compose_train(override))
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.dropout=abc"], "model.dropout='abc' is invalid: must be in [0, 1)"),
+        (["model.context_length=abc"], "model.context_length='abc' is invalid"),
+        (["model.num_heads=3"], "model.emb_dim=128 is not divisible by num_heads=3"),
+        (["model.vocab_size=100"], "model.vocab_size=100 is too small for the GPT-2 tokenizer"),
+        (["data.context_length=256"], "data.context_length=256 is longer than model.context"),
+    ],
+)
+def test_bad_model_setting_is_named_as_on_the_command_line(overrides, message):
+    check_model(compose_train())
+    with pytest.raises(ValueError) as error:
+        check_model(compose_train(*overrides))
+    assert str(error.value).startswith(message)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    model = compose_train().model
+    saved = {"hyper_parameters": {"model": {**model, "num_layers": 6, "dropout": 0.3}}}
+    torch.save(saved, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError) as error:
+        check_checkpoint(str(tmp_path / "other.ckpt"), model)
+    assert f"holds a model with num_layers=6, not model.num_layers={model.num_layers}:" in str(
+        error.value
+    )
+    saved["hyper_parameters"]["model"]["num_layers"] = model.num_layers  # dropout may differ
+    torch.save(saved, tmp_path / "same.ckpt")
+    check_checkpoint(str(tmp_path / "same.ckpt"), model)
+
+
+def test_bad_trainer_argument_gets_lightnings_reason_in_one_line(run_train, tmp_path):
+    line = error_line(run_train("trainer.devices=0"))
+    assert line.startswith("error: trainer: `Trainer(devices=0)` value is not a valid input")
+    assert checkpoints(tmp_path / "run") == []
+
+
+def test_bad_type_in_the_config_is_one_line_naming_the_key(run_train, tmp_path):
+    line = error_line(run_train("optimizer.lr=abc"))
+    assert line == "error: optimizer.lr='abc' is invalid: must be a number >= 0"
     assert checkpoints(tmp_path / "run") == []
 
 
