@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2_lightning.callbacks import ProgressBar, sample_text, shards_weights
@@ -133,6 +133,11 @@ def check_settings(cfg: DictConfig) -> None:
     """Fail in one line, before anything is built, on a setting that would otherwise fail deep
     inside a run (a division by zero in Lightning's loop, a sample after the first validation)
     or be misread (compile=maybe taken as true)."""
+    if OmegaConf.is_missing(cfg.data, "path"):
+        raise ValueError(
+            "data.path is required here (data=text, or an experiment for your corpus): give a "
+            "text file, a folder of *.txt files or a glob, e.g. data.path=my_texts/"
+        )
     for key in ("compile", "val_before_fit"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"{key}={cfg[key]!r} is invalid: use true or false")

@@ -125,6 +125,13 @@ def test_bad_setting_is_named_before_anything_is_built(override, message):
     assert str(error.value).startswith(message)
 
 
+@pytest.mark.parametrize("group", ["data=text", "experiment=gpt2_124M"])
+def test_data_path_is_required_where_the_config_says_so(group):
+    with pytest.raises(ValueError, match=r"^data\.path is required here"):
+        check_settings(compose_train(group))
+    check_settings(compose_train(group, "data.path=my_texts/"))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
