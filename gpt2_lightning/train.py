@@ -7,6 +7,7 @@ instantiated pieces together, the shape of lightning-hydra-template's train.py.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import os
 import re
@@ -55,6 +56,18 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     libc.mallopt(m_mmap_threshold, ctypes.c_int(2**31 - 1))
     libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+
+
+def log_lightning_to_file() -> None:
+    """Write Lightning's log lines (devices, seed, checkpoints, why fit stopped) to train.log too.
+
+    Lightning gives its loggers their own console handler and stops them propagating when it is
+    imported, before Hydra sets up logging, so Hydra's log file would otherwise stay empty.
+    """
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers += [h for h in files if h not in logger.handlers]
 
 
 def check_checkpoint(path: str, model: DictConfig) -> None:
@@ -209,6 +222,7 @@ class CreateSweepDir(Callback):
 
 def train(cfg: DictConfig) -> float:
     """Train as cfg says; return the final val/loss (the objective of sweeps)."""
+    log_lightning_to_file()
     check_settings(cfg)
     if cfg.ckpt_path:
         check_checkpoint(cfg.ckpt_path, cfg.model)

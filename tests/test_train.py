@@ -39,6 +39,8 @@ def test_cli_run_writes_checkpoint_tensorboard_and_summary(run_train, tmp_path):
     assert ckpt["global_step"] == 6
     assert ckpt["hyper_parameters"]["model"]["emb_dim"] == 32
     assert (run / ".hydra" / "config.yaml").is_file()
+    log = (run / "train.log").read_text()  # Lightning's lines, in Hydra's log file
+    assert "Seed set to 1337" in log and "`Trainer.fit` stopped: `max_steps=6` reached." in log
 
     logged = scalars(run)
     assert sorted(logged["train/loss"]) == [0, 1, 2, 3, 4, 5]  # every step
