@@ -162,7 +162,9 @@ def check_settings(cfg: DictConfig) -> None:
         raise ValueError(f"sample.{error}") from None
     max_steps = cfg.trainer.get("max_steps", -1)
     if not _integer(max_steps) or max_steps < -1:
-        raise ValueError(f"trainer.max_steps={max_steps!r} is invalid: must be an integer >= 0")
+        raise ValueError(
+            f"trainer.max_steps={max_steps!r} is invalid: must be an integer >= 0 (-1: no limit)"
+        )
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
     if not _integer(accumulate) or accumulate < 1:
         raise ValueError(
