@@ -19,6 +19,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -266,6 +267,11 @@ def load_checkpoint(path: str | Path) -> GPT:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise WeightsError(
+            f"{str(path)!r} is not a checkpoint written by gpt2_lightning.train "
+            "(not a PyTorch file)"
+        )
     try:
         return GPT.from_checkpoint(path)
     except (KeyError, TypeError, RuntimeError, pickle.UnpicklingError, EOFError) as error:

@@ -255,3 +255,14 @@ def test_pretrained_example_generates_from_a_local_folder(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello, I'm a language model,")
     assert len(result.stdout) > len("Hello, I'm a language model,") + 10
+
+
+def test_a_file_that_is_not_a_training_checkpoint_gets_a_reason(tmp_path):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(WeightsError, match=r"is not a checkpoint .* \(not a PyTorch file\)$"):
+        weights.load_checkpoint(text)
+    other = tmp_path / "other.ckpt"
+    torch.save({"weights": torch.zeros(2)}, other)  # a PyTorch file, but not from training
+    with pytest.raises(WeightsError, match=r"is not a checkpoint .* \(KeyError: "):
+        weights.load_checkpoint(other)
