@@ -171,7 +171,10 @@ def check_settings(cfg: DictConfig) -> None:
             f"trainer.accumulate_grad_batches={accumulate!r} is invalid: must be an integer >= 1"
         )
     interval = cfg.trainer.get("val_check_interval")
-    if interval is not None and (isinstance(interval, bool | str) or interval <= 0):
+    fraction_over_one = isinstance(interval, float) and interval > 1
+    if interval is not None and (
+        isinstance(interval, bool | str) or interval <= 0 or fraction_over_one
+    ):
         raise ValueError(
             f"trainer.val_check_interval={interval!r} is invalid: must be a number of batches "
             ">= 1, a fraction of an epoch in (0, 1], or null"

@@ -116,6 +116,7 @@ def compose_train(*overrides: str):
         ("trainer.max_steps=abc", "trainer.max_steps='abc' is invalid"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is invalid"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid"),
+        ("trainer.val_check_interval=2.5", "trainer.val_check_interval=2.5 is invalid"),
     ],
 )
 def test_bad_setting_is_named_before_anything_is_built(override, message):
