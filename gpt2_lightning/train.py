@@ -62,12 +62,14 @@ def log_lightning_to_file() -> None:
     """Write Lightning's log lines (devices, seed, checkpoints, why fit stopped) to train.log too.
 
     Lightning gives its loggers their own console handler and stops them propagating when it is
-    imported, before Hydra sets up logging, so Hydra's log file would otherwise stay empty.
+    imported, before Hydra sets up logging, so Hydra's log file would otherwise stay empty. The
+    file handlers are replaced, not added: each job of a multirun has its own train.log.
     """
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     for name in ("lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
-        logger.handlers += [h for h in files if h not in logger.handlers]
+        kept = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+        logger.handlers = kept + files
 
 
 def check_checkpoint(path: str, model: DictConfig) -> None:

@@ -147,6 +147,8 @@ def test_multirun_gives_each_job_its_own_folder(tmp_path, token_cache):
         assert ckpt["global_step"] == 3
         assert ckpt["hyper_parameters"]["optimizer"]["lr"] == lr
         assert sorted(scalars(job)["val/loss"]) == [2]
+        # each job's train.log holds its own run's lines only
+        assert (job / "train.log").read_text().count("`Trainer.fit` stopped") == 1
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
 
 
