@@ -78,7 +78,12 @@ def check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> 
     if not _count(warmup):
         raise ValueError(f"scheduler.warmup_steps={warmup!r} is invalid: must be an integer >= 0")
     if name == "cosine":
-        total, ratio = scheduler["total_steps"], scheduler["min_lr_ratio"]
+        if "min_lr" in scheduler:  # the name of the floor before 2026-11-25 (README changelog)
+            raise ValueError(
+                f"scheduler.min_lr={scheduler['min_lr']!r} is no longer read: give the floor as "
+                "scheduler.min_lr_ratio, a fraction of optimizer.lr (e.g. 0.1)"
+            )
+        total, ratio = scheduler["total_steps"], scheduler.get("min_lr_ratio", 0.1)
         if not _count(total) or total < 1:
             raise ValueError(
                 f"scheduler.total_steps={total!r} is invalid: the cosine schedule needs a "
@@ -176,7 +181,7 @@ class GPTLightningModule(L.LightningModule):
         sched = self.hparams.scheduler
         if sched["name"] == "cosine":
             factor = WarmupCosine(
-                sched["warmup_steps"], sched["total_steps"], sched["min_lr_ratio"]
+                sched["warmup_steps"], sched["total_steps"], sched.get("min_lr_ratio", 0.1)
             )
         else:
             factor = Constant(sched["warmup_steps"])

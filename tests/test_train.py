@@ -188,6 +188,12 @@ def test_cosine_schedule_warms_up_then_decays_to_the_ratio_of_the_peak():
     assert lrs[10:] == pytest.approx([1e-4, 1e-4])  # 0.1 x the peak, then held
 
 
+def test_the_old_min_lr_key_is_named_with_its_replacement():
+    old = {k: v for k, v in COSINE.items() if k != "min_lr_ratio"}
+    with pytest.raises(ValueError, match=r"^scheduler.min_lr=0.0003 is no longer read: .*ratio"):
+        GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler={**old, "min_lr": 3e-4})
+
+
 @pytest.mark.parametrize(
     ("group", "key", "value", "message"),
     [
