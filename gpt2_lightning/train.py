@@ -20,6 +20,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
@@ -132,6 +133,103 @@ def check_config_choices(args: list[str]) -> None:
                 raise ValueError(f"{name}=null is not an option: valid are {options}, or ~{name}")
             if not (group / f"{value}.yaml").is_file():
                 raise ValueError(f"{name}={value} is unknown: valid are {options}")
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose the command line once before Hydra does, and refuse in one line, before a run
+    folder is made or a sweep starts, what would fail there: a key the config does not have or an
+    override Hydra cannot read (Hydra's own messages take several lines), and a setting that every
+    job of a sweep would fail on (each failed Optuna trial would be tried again, and a sweep in
+    which all fail ends with the plugin's traceback).
+
+    Hydra's compose API gives the config that Hydra will give train(). A swept key's values are
+    left to the jobs, except the first of a list (x=a,b), which shows whether the key exists.
+    Command lines with flags (--cfg, --help, --config-dir, ...) are left to Hydra.
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return
+    texts = [a for a in args if not a.startswith("-")]
+    if any(t.startswith("hydra.searchpath") for t in texts):
+        return
+    parser = OverridesParser.create()
+    fixed, swept, given, pinned = [], {}, {}, set()
+    for text in texts:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except HydraException as error:
+            reason = str(error).splitlines()[0]
+            raise ValueError(
+                f"{text!r} is not an override Hydra can read ({reason}): write key=value; "
+                "see https://hydra.cc/docs/advanced/override_grammar/basic/"
+            ) from None
+        if not override.is_sweep_override():
+            fixed.append(text)
+            pinned.add(override.key_or_group)
+            continue
+        if override.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+            first = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
+            fixed.append(first)
+            given[first] = text
+        else:
+            swept[override.key_or_group] = override
+    try:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=fixed, return_hydra_config=True)
+    except HydraException as error:
+        raise ValueError(_composition_error(error, fixed, given)) from None
+    for key, override in swept.items():  # range(), interval(), ...: does the key exist?
+        missing = "/" not in key and OmegaConf.select(cfg, key, default=KeyError) is KeyError
+        if missing and not override.get_key_element().startswith("+"):
+            raise ValueError(_unknown_key(key, override.input_line, fixed))
+    # The checks every job makes, made once; a mistake that involves a swept key is the job's.
+    varied = {o.split("=", 1)[0].lstrip("+~") for o in given.values()} | set(swept)
+    # An Optuna search space, less the keys the command line pins to one value
+    varied |= set(cfg.hydra.sweeper.get("params") or {}) - pinned
+    try:
+        check_settings(cfg)
+        if not cfg.init_from:  # else the model comes from the weights
+            check_model(cfg)
+        try:
+            instantiate(cfg.data)  # checks its sizes and data.path; reads no text yet
+        except InstantiationException as error:
+            raise user_error(error) or error from None
+    except ValueError as error:
+        if not _involves(str(error), varied):
+            raise
+
+
+def _involves(message: str, keys: set[str]) -> bool:
+    """Whether an error message names one of keys, or a key inside or around one of them."""
+    if "experiment" in keys:
+        return True
+    named = set(re.findall(r"[a-z_]+(?:\.[a-z_]+)*", message))
+    return any(
+        n == k or n.startswith(f"{k}.") or k.startswith(f"{n}.") for n in named for k in keys
+    )
+
+
+def _composition_error(error: HydraException, overrides: list[str], given: dict) -> str:
+    """Hydra's reason in one line; for an unknown key, the keys its parent does have."""
+    unknown = re.match(r"Could not override '(.+)'", str(error))
+    if not unknown:
+        return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    key = unknown.group(1)
+    override = next(o for o in overrides if o.split("=", 1)[0] == key)
+    rest = [o for o in overrides if o != override]
+    return _unknown_key(key, given.get(override, override), rest)
+
+
+def _unknown_key(key: str, text: str, overrides: list[str]) -> str:
+    parent, _, leaf = key.rpartition(".")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = [str(k) for k in node if k != "hydra"] if isinstance(node, DictConfig) else []
+    where = parent or "the config"
+    return (
+        f"{text}: {where} has no key {leaf!r} (it has: {', '.join(keys) or 'no keys'}); "
+        f"to add a new key, write +{text}"
+    )
 
 
 def natural_order(name: str) -> tuple[int, str]:
@@ -340,6 +438,7 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     try:
         check_config_choices(sys.argv[1:])
+        check_overrides(sys.argv[1:])
     except ValueError as error:
         sys.exit(f"error: {error}")
     main()

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, run_module
 from hydra import compose, initialize_config_dir
 
-from gpt2_lightning.train import check_checkpoint, check_model, check_settings
+from gpt2_lightning.train import check_checkpoint, check_model, check_overrides, check_settings
 
 
 def output(result: subprocess.CompletedProcess) -> str:
@@ -55,14 +55,57 @@ def test_null_group_choice_names_the_way_to_drop_a_group(run_train):
     assert line == "error: logger=null is not an option: valid are csv, tensorboard, or ~logger"
 
 
-def test_unknown_key_is_refused_by_hydra(run_train, tmp_path):
-    result = run_train("foo=1")
-    assert result.returncode == 1
-    text = output(result)
-    assert "Traceback" not in text
-    assert "Could not override 'foo'." in text
-    assert "To append to your config use +foo=1" in text
-    assert not (tmp_path / "run").exists()
+def test_unknown_key_lists_the_keys_there_are(run_train, tmp_path):
+    line = error_line(run_train("optimizer.learning_rate=1e-3"))
+    assert line == (
+        "error: optimizer.learning_rate=1e-3: optimizer has no key 'learning_rate' (it has: lr, "
+        "weight_decay, betas, eps); to add a new key, write +optimizer.learning_rate=1e-3"
+    )
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["foo=1"], "foo=1: the config has no key 'foo' (it has: seed, compile, ckpt_path,"),
+        (["-m", "seed=1,2", "foo=3,4"], "foo=3,4: the config has no key 'foo'"),
+        (["-m", "trainer.foo=range(1,3)"], "trainer.foo=range(1,3): trainer has no key 'foo'"),
+        (["optimizer.lr=[1,2"], "'optimizer.lr=[1,2' is not an override Hydra can read"),
+        (["~foo"], "Could not delete from config. 'foo' does not exist."),
+        # a mistake every job of a sweep would make is refused before the first one
+        (["-m", "seed=1,2", "trainer.max_steps=abc"], "trainer.max_steps='abc' is invalid"),
+        (["-m", "seed=1,2", "data.path=missing.txt"], "data.path='missing.txt' does not exist"),
+        (["-m", "seed=1,2", "data.batch_size=0"], "data.batch_size=0 is invalid"),
+        (["-m", "seed=1,2", "model.num_heads=5"], "model.emb_dim=128 is not divisible by"),
+        # the command line pins a key of the Optuna search space to one value for every trial
+        (["hparams_search=optuna", "data.batch_size=0"], "data.batch_size=0 is invalid"),
+    ],
+)
+def test_command_line_is_checked_before_hydra_starts(args, message):
+    with pytest.raises(ValueError) as error:
+        check_overrides(args)
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["model=tiny", "seed=3", "+trainer.detect_anomaly=true"],
+        ["-m", "model=tiny,124M", "optimizer.lr=range(1,3)", "+foo=1,2"],
+        ["hparams_search=optuna", "hydra.sweeper.n_trials=2"],
+        # mistakes that involve a swept key are each job's: other options may be valid
+        ["-m", "data.batch_size=0,4"],
+        ["-m", "model.emb_dim=60,64", "model.num_heads=8"],
+        ["-m", "model.context_length=16,64", "data.context_length=32"],
+        ["-m", "data=text,default"],
+        ["hparams_search=optuna", "data.batch_size=choice(0,4)"],
+        # flags are Hydra's: --cfg job prints the config even when it lacks data.path
+        ["--cfg", "job", "data=text"],
+    ],
+)
+def test_command_line_that_jobs_may_run_passes(args):
+    check_overrides(args)
 
 
 def test_missing_data_path(run_train, tmp_path):
