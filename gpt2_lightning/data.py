@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         file = tokenize_to_cache(args.path, args.cache_dir, progress=True)
     except (ValueError, OSError) as error:  # OSError: a --cache-dir that cannot be a folder
-        print(f"error: {error}", file=sys.stderr)
+        # the path is this command's first argument, not a data.path= override
+        print(f"error: {str(error).replace('data.path=', '', 1)}", file=sys.stderr)
         return 1
     if file.stat().st_size == 0:
         print(f"error: {args.path!r} holds no text: the corpus is empty", file=sys.stderr)

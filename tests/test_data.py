@@ -505,8 +505,10 @@ def test_prepare_command_names_a_missing_path(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("error: ")
-    assert str(missing) in lines[0]
+    assert lines[0] == (
+        f"error: {str(missing)!r} does not exist: give a text file, a folder of *.txt files or "
+        "a glob"
+    )
     assert list(tmp_path.iterdir()) == []  # no cache file, no temp file
 
 
