@@ -129,9 +129,11 @@ def check_config_choices(args: list[str]) -> None:
         name = override.key_or_group
         options = ", ".join(sorted((f.stem for f in group.glob("*.yaml")), key=natural_order))
         for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue  # model=${oc.env:SIZE}: Hydra resolves it
             if value is None:
                 raise ValueError(f"{name}=null is not an option: valid are {options}, or ~{name}")
-            if not (group / f"{value}.yaml").is_file():
+            if not (group / f"{str(value).removesuffix('.yaml')}.yaml").is_file():
                 raise ValueError(f"{name}={value} is unknown: valid are {options}")
 
 
@@ -144,7 +146,8 @@ def check_overrides(args: list[str]) -> None:
 
     Hydra's compose API gives the config that Hydra will give train(). A swept key's values are
     left to the jobs, except the first of a list (x=a,b), which shows whether the key exists.
-    Command lines with flags (--cfg, --help, --config-dir, ...) are left to Hydra.
+    Anything this check cannot judge for sure is left to Hydra and train(): command lines with
+    flags (--cfg, --help, --config-dir, ...), errors that are not ours, interpolations.
     """
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return
@@ -152,7 +155,7 @@ def check_overrides(args: list[str]) -> None:
     if any(t.startswith("hydra.searchpath") for t in texts):
         return
     parser = OverridesParser.create()
-    fixed, swept, given, pinned = [], {}, {}, set()
+    fixed, given, swept = [], {}, {}
     for text in texts:
         try:
             (override,) = parser.parse_overrides([text])
@@ -164,47 +167,66 @@ def check_overrides(args: list[str]) -> None:
             ) from None
         if not override.is_sweep_override():
             fixed.append(text)
-            pinned.add(override.key_or_group)
-            continue
-        if override.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+        elif override.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
             first = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
             fixed.append(first)
             given[first] = text
+            swept[override.key_or_group] = override
         else:
             swept[override.key_or_group] = override
     try:
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = compose("train", overrides=fixed, return_hydra_config=True)
+        cfg = _compose(fixed)
     except HydraException as error:
         raise ValueError(_composition_error(error, fixed, given)) from None
+    except Exception:
+        return  # Hydra's own report will say what is wrong
     for key, override in swept.items():  # range(), interval(), ...: does the key exist?
-        missing = "/" not in key and OmegaConf.select(cfg, key, default=KeyError) is KeyError
-        if missing and not override.get_key_element().startswith("+"):
+        if override.get_key_element().startswith("+") or key.startswith("hydra") or "/" in key:
+            continue
+        try:
+            missing = OmegaConf.select(cfg, key, default=KeyError) is KeyError
+        except OmegaConfBaseException:
+            return
+        if missing:
             raise ValueError(_unknown_key(key, override.input_line, fixed))
-    # The checks every job makes, made once; a mistake that involves a swept key is the job's.
-    varied = {o.split("=", 1)[0].lstrip("+~") for o in given.values()} | set(swept)
-    # An Optuna search space, less the keys the command line pins to one value
-    varied |= set(cfg.hydra.sweeper.get("params") or {}) - pinned
+    # The checks every job makes, made once. In a sweep a mistake may be one of some jobs only:
+    # it is left to them when it names a key that varies (a swept key, or one in the search
+    # space of Optuna that the command line does not pin) or when interpolations may hide one.
+    pinned = {o.split("=", 1)[0].lstrip("+~") for o in fixed if o not in given}
+    varied = set(swept) | (set(cfg.hydra.sweeper.get("params") or {}) - pinned)
+    if (varied and any("${" in o for o in fixed)) or cfg.init_from or cfg.hydra.job.chdir:
+        return  # init_from: the model comes from the weights; chdir: paths are the run's
     try:
         check_settings(cfg)
-        if not cfg.init_from:  # else the model comes from the weights
-            check_model(cfg)
+        check_model(cfg)
         try:
             instantiate(cfg.data)  # checks its sizes and data.path; reads no text yet
         except InstantiationException as error:
             raise user_error(error) or error from None
+    except OmegaConfBaseException:
+        return  # e.g. ${hydra:...}, which only resolves inside Hydra's run
     except ValueError as error:
         if not _involves(str(error), varied):
             raise
+    except Exception:
+        return
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
 
 
 def _involves(message: str, keys: set[str]) -> bool:
-    """Whether an error message names one of keys, or a key inside or around one of them."""
+    """Whether an error message names one of keys, a key inside or around one, or its last part
+    (GPTConfig names model.num_heads num_heads)."""
     if "experiment" in keys:
         return True
     named = set(re.findall(r"[a-z_]+(?:\.[a-z_]+)*", message))
+    inside = [(n, k) for n in named for k in keys]
     return any(
-        n == k or n.startswith(f"{k}.") or k.startswith(f"{n}.") for n in named for k in keys
+        n == k or n.startswith(f"{k}.") or k.startswith(f"{n}.") or k.endswith(f".{n}")
+        for n, k in inside
     )
 
 
@@ -212,24 +234,31 @@ def _composition_error(error: HydraException, overrides: list[str], given: dict)
     """Hydra's reason in one line; for an unknown key, the keys its parent does have."""
     unknown = re.match(r"Could not override '(.+)'", str(error))
     if not unknown:
-        return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        reason = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if error.__cause__ is not None:  # e.g. "list index out of range"
+            reason.append(f"({str(error.__cause__).splitlines()[0]})")
+        return " ".join(reason)
     key = unknown.group(1)
     override = next(o for o in overrides if o.split("=", 1)[0] == key)
-    rest = [o for o in overrides if o != override]
-    return _unknown_key(key, given.get(override, override), rest)
+    return _unknown_key(key, given.get(override, override), overrides)
 
 
 def _unknown_key(key: str, text: str, overrides: list[str]) -> str:
-    parent, _, leaf = key.rpartition(".")
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    keys = [str(k) for k in node if k != "hydra"] if isinstance(node, DictConfig) else []
-    where = parent or "the config"
-    return (
-        f"{text}: {where} has no key {leaf!r} (it has: {', '.join(keys) or 'no keys'}); "
-        f"to add a new key, write +{text}"
-    )
+    """The nearest enclosing node that exists, and its keys."""
+    hint = f"to add a new key, write +{text}"
+    try:
+        cfg = _compose([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=KeyError) if parent else cfg
+        while node is KeyError:  # callbacks.nope.x: callbacks has no key nope
+            parent, _, leaf = parent.rpartition(".")
+            node = OmegaConf.select(cfg, parent, default=KeyError) if parent else cfg
+    except Exception:
+        return f"{text}: the config has no key {key!r}; {hint}"
+    if not isinstance(node, DictConfig):
+        return f"{text}: {parent} is {node!r}, which has no keys"
+    keys = ", ".join(str(k) for k in node if k != "hydra") or "no keys"
+    return f"{text}: {parent or 'the config'} has no key {leaf!r} (it has: {keys}); {hint}"
 
 
 def natural_order(name: str) -> tuple[int, str]:
@@ -285,6 +314,8 @@ def check_model(cfg: DictConfig) -> None:
     """The model settings, named as on the command line, and against the data they will see."""
     try:
         model = GPTConfig(**cfg.model)
+    except OmegaConfBaseException:
+        raise  # an interpolation that does not resolve: OmegaConf names the key
     except ValueError as error:
         raise ValueError(f"model.{error}") from None
     vocab = get_tokenizer().n_vocab
@@ -411,6 +442,13 @@ def user_error(error: BaseException) -> BaseException | None:
     return error if isinstance(error, EXPECTED_ERRORS) else None
 
 
+def one_line(error: BaseException) -> str:
+    """OmegaConf's messages add `full_key: ...` and `object_type=...` lines: keep the key."""
+    first = str(error).splitlines()[0]
+    key = getattr(error, "full_key", None)
+    return f"{first} (at {key})" if isinstance(error, OmegaConfBaseException) and key else first
+
+
 class JobConfigError(CompactHydraException):
     """A config mistake inside a multirun job; Hydra prints it as its message alone."""
 
@@ -426,9 +464,9 @@ def main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # A failed job, not the end of the process: Optuna marks the trial FAIL and goes on;
             # the basic sweeper stops, and Hydra prints this one line (a compact error).
-            raise JobConfigError(f"error: {cause}") from None
+            raise JobConfigError(f"error: {one_line(cause)}") from None
         # Hydra prints escaping exceptions as tracebacks; expected mistakes get one line.
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {one_line(cause)}", file=sys.stderr)
         sys.exit(1)
     # The sweep's objective. Optuna fails the whole sweep on a NaN (a run that diverged); such a
     # run counts as the worst instead.

@@ -14,7 +14,13 @@ import torch
 from conftest import ROOT, run_module
 from hydra import compose, initialize_config_dir
 
-from gpt2_lightning.train import check_checkpoint, check_model, check_overrides, check_settings
+from gpt2_lightning.train import (
+    check_checkpoint,
+    check_config_choices,
+    check_model,
+    check_overrides,
+    check_settings,
+)
 
 
 def output(result: subprocess.CompletedProcess) -> str:
@@ -72,6 +78,10 @@ def test_unknown_key_lists_the_keys_there_are(run_train, tmp_path):
         (["-m", "trainer.foo=range(1,3)"], "trainer.foo=range(1,3): trainer has no key 'foo'"),
         (["optimizer.lr=[1,2"], "'optimizer.lr=[1,2' is not an override Hydra can read"),
         (["~foo"], "Could not delete from config. 'foo' does not exist."),
+        (["callbacks.nope.x=1"], "callbacks.nope.x=1: callbacks has no key 'nope' (it has: model"),
+        (["seed.x=1"], "seed.x=1: seed is 1337, which has no keys"),
+        (["model.nope=1", "trainer.nope=2"], "model.nope=1: the config has no key 'model.nope'"),
+        (["optimizer.betas.5=1"], "Error merging override optimizer.betas.5=1 (list index out"),
         # a mistake every job of a sweep would make is refused before the first one
         (["-m", "seed=1,2", "trainer.max_steps=abc"], "trainer.max_steps='abc' is invalid"),
         (["-m", "seed=1,2", "data.path=missing.txt"], "data.path='missing.txt' does not exist"),
@@ -100,12 +110,29 @@ def test_command_line_is_checked_before_hydra_starts(args, message):
         ["-m", "model.context_length=16,64", "data.context_length=32"],
         ["-m", "data=text,default"],
         ["hparams_search=optuna", "data.batch_size=choice(0,4)"],
+        ["-m", "model.num_heads=3,4"],  # GPTConfig's message says num_heads, not model.*
+        ["-m", "+bs=0,8", "data.batch_size=${bs}"],
         # flags are Hydra's: --cfg job prints the config even when it lacks data.path
         ["--cfg", "job", "data=text"],
+        # what only Hydra's run can resolve or report is left to it
+        ["hydra.job.chdir=true", "data.path=${hydra:runtime.cwd}/corpus.txt"],
+        ["data.cache_dir=${run_dir}/tokens"],
+        ["hydra.job.chdir=true", "data.path=corpus.txt"],  # relative to the run folder
+        ["model.emb_dim=${nope}"],
+        ["~seed"],
+        ["sample=null"],
+        ["model=${oc.env:SIZE,tiny}"],
+        ["model=tiny.yaml"],
     ],
 )
 def test_command_line_that_jobs_may_run_passes(args):
+    check_config_choices(args)
     check_overrides(args)
+
+
+def test_interpolation_error_is_one_line_naming_the_key(run_train):
+    line = error_line(run_train("model.emb_dim=${nope}"))
+    assert line == "error: Interpolation key 'nope' not found (at model.emb_dim)"
 
 
 def test_missing_data_path(run_train, tmp_path):
