@@ -19,6 +19,7 @@ from typing import NamedTuple
 import hydra
 import torch
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from gpt2_lightning.model import GPT, KVCache
@@ -56,19 +57,25 @@ def _is_integer(value: object) -> bool:
 def _check_prompt(
     model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor | None, eos_id: int | None
 ) -> None:
-    if idx.dim() != 2 or idx.size(1) == 0 or idx.dtype.is_floating_point:
+    if idx.dim() != 2 or idx.numel() == 0 or idx.dtype not in (torch.long, torch.int32):
         raise ValueError(
-            f"idx of shape {tuple(idx.shape)} and dtype {idx.dtype} is invalid: "
-            "must be integer token ids of shape (batch, tokens) with at least one token"
+            f"idx of shape {tuple(idx.shape)} and dtype {idx.dtype} is invalid: must be token "
+            "ids (torch.long or torch.int32) of shape (batch, tokens), at least one of each"
         )
-    if eos_id is not None and not 0 <= eos_id < model.cfg.vocab_size:
+    if idx.min() < 0 or idx.max() >= model.cfg.vocab_size:
+        raise ValueError(
+            f"idx holds token id {int(idx.min() if idx.min() < 0 else idx.max())}: ids must be "
+            f"in [0, {model.cfg.vocab_size}) (the model's vocab_size)"
+        )
+    if eos_id is not None and (not _is_integer(eos_id) or not 0 <= eos_id < model.cfg.vocab_size):
         raise ValueError(f"eos_id={eos_id!r} is invalid: must be in [0, {model.cfg.vocab_size})")
     if attention_mask is None:
         return
-    if attention_mask.shape != idx.shape:
+    if attention_mask.shape != idx.shape or attention_mask.is_floating_point():
         raise ValueError(
-            f"attention_mask of shape {tuple(attention_mask.shape)} is invalid: "
-            f"must match idx, {tuple(idx.shape)}"
+            f"attention_mask of shape {tuple(attention_mask.shape)} and dtype "
+            f"{attention_mask.dtype} is invalid: must be integers or bools shaped like idx, "
+            f"{tuple(idx.shape)}"
         )
     mask = attention_mask.long()
     # Left padding: 0s then 1s in each row, so every row ends in a real token to continue from.
@@ -93,7 +100,10 @@ def _sample(
     """The next token of each row (B,) from the last position's logits (B, vocab_size)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Less the row's maximum first: the same distribution, and no overflow to inf (then nan)
+    # when a tiny temperature divides large logits.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, -math.inf)
@@ -333,6 +343,8 @@ def _device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"device={name!r} is invalid: use auto, cpu or cuda[:index]") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} is not supported: use auto, cpu or cuda[:index]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} is unavailable: this machine has no CUDA device")
     return device
@@ -344,15 +356,22 @@ def _run(cfg: DictConfig) -> None:
     num_samples, seed = cfg.num_samples, cfg.seed
     if not _is_integer(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} is invalid: must be an integer >= 1")
-    if seed is not None and not _is_integer(seed):
-        raise ValueError(f"seed={seed!r} is invalid: must be an integer, or null for a random one")
+    if seed is not None and (not _is_integer(seed) or not -(2**63) <= seed < 2**64):
+        raise ValueError(
+            f"seed={seed!r} is invalid: must be an integer in [-2**63, 2**64), or null for a "
+            "random one"
+        )
+    if not isinstance(cfg.prompt, str):  # prompt=1e3 or prompt=null: Hydra read a number
+        raise ValueError(
+            f"prompt={cfg.prompt!r} is not text: quote it for Hydra, e.g. 'prompt=\"1e3\"'"
+        )
     device = _device(str(cfg.device))
     dtype = _dtype(cfg.dtype)
     model = load_weights(str(cfg.checkpoint), key="checkpoint").to(device)
 
     tokenizer = get_tokenizer()
     # An empty prompt starts after <|endoftext|>, where GPT-2 saw every document begin.
-    prompt_ids = tokenizer.encode(str(cfg.prompt), allowed_special="all") or [tokenizer.eot_token]
+    prompt_ids = tokenizer.encode(cfg.prompt, allowed_special="all") or [tokenizer.eot_token]
     if max(prompt_ids) >= model.cfg.vocab_size:
         raise ValueError(
             f"prompt={cfg.prompt!r} has token id {max(prompt_ids)}, outside this model's "
@@ -396,10 +415,17 @@ def main(cfg: DictConfig) -> None:
     """`python -m gpt2_lightning.generate checkpoint=... prompt=...`: stream text to stdout."""
     try:
         _run(cfg)
-    except (ValueError, OSError, WeightsError) as error:
+    except (ValueError, OSError, WeightsError, OmegaConfBaseException) as error:
         # Expected mistakes get one line; an exception escaping here would print a traceback.
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(1)
+
+
+def one_line(error: BaseException) -> str:
+    """OmegaConf's messages add `full_key: ...` and `object_type=...` lines: keep the key."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    key = getattr(error, "full_key", None)
+    return f"{first} (at {key})" if isinstance(error, OmegaConfBaseException) and key else first
 
 
 if __name__ == "__main__":

@@ -43,13 +43,15 @@ class GPTConfig:
         # The one place a config is checked: everything below trusts it.
         for name in ("vocab_size", "context_length", "emb_dim", "num_layers", "num_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
         if self.emb_dim % self.num_heads != 0:
             raise ValueError(
                 f"emb_dim={self.emb_dim} is not divisible by num_heads={self.num_heads}: "
                 "choose num_heads that divides emb_dim"
             )
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"qkv_bias={self.qkv_bias!r} is invalid: must be True or False")
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r} is invalid: must be in [0, 1)")
         if self.norm not in NORMS:

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2_lightning.callbacks import ProgressBar, sample_text, shards_weights
-from gpt2_lightning.generate import check_sampling
+from gpt2_lightning.generate import check_sampling, one_line
 from gpt2_lightning.model import GPTConfig
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.weights import WeightsError, load_weights
@@ -440,13 +440,6 @@ def user_error(error: BaseException) -> BaseException | None:
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__
     return error if isinstance(error, EXPECTED_ERRORS) else None
-
-
-def one_line(error: BaseException) -> str:
-    """OmegaConf's messages add `full_key: ...` and `object_type=...` lines: keep the key."""
-    first = str(error).splitlines()[0]
-    key = getattr(error, "full_key", None)
-    return f"{first} (at {key})" if isinstance(error, OmegaConfBaseException) and key else first
 
 
 class JobConfigError(CompactHydraException):

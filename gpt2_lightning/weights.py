@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2_lightning.model import ALIASES, GPT, GPTConfig
@@ -82,6 +84,8 @@ def download(size: str) -> Path:
 
 def load_pretrained(name_or_path: str | Path) -> GPT:
     """A GPT holding official weights, by size name ('124M', 'gpt2', ...) or HF-format folder."""
+    if not str(name_or_path).strip():  # Path("") is the current folder
+        raise ValueError("'' is empty: pass an official size name or a folder")
     path = Path(name_or_path)
     if path.is_dir():  # as in transformers, an existing folder wins over a size of the same name
         return load_folder(path)
@@ -100,13 +104,34 @@ def load_folder(folder: str | Path) -> GPT:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise WeightsError(f"{folder} has no {CONFIG_FILE}: not a Hugging Face model folder")
-    cfg = config_from_hf(json.loads(config_path.read_text()))
-    if (folder / WEIGHTS_FILE).is_file():
-        hf_state = load_file(folder / WEIGHTS_FILE)
-    elif (folder / LEGACY_WEIGHTS_FILE).is_file():
-        hf_state = torch.load(folder / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    else:
-        raise WeightsError(f"{folder} holds neither {WEIGHTS_FILE} nor {LEGACY_WEIGHTS_FILE}")
+    try:
+        hf = json.loads(config_path.read_text())
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise WeightsError(f"{config_path} is not valid JSON ({_first_line(error)})") from error
+    if not isinstance(hf, dict):
+        raise WeightsError(f"{config_path} holds a {type(hf).__name__}, not a JSON object")
+    cfg = config_from_hf(hf)
+    found = [folder / n for n in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE) if (folder / n).is_file()]
+    weights = found[0] if found else None
+    if weights is None:
+        raise WeightsError(
+            f"{folder} holds neither {WEIGHTS_FILE} nor {LEGACY_WEIGHTS_FILE} "
+            "(folders of sharded weights are not supported)"
+        )
+    try:
+        if weights.name == WEIGHTS_FILE:
+            hf_state = load_file(weights)
+        else:
+            hf_state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise WeightsError(
+            f"{weights} is not a readable weights file ({type(error).__name__}: "
+            f"{_first_line(error)})"
+        ) from error
+    if not isinstance(hf_state, dict) or not all(
+        isinstance(v, torch.Tensor) for v in hf_state.values()
+    ):
+        raise WeightsError(f"{weights} does not hold a dict of tensors")
     state = state_from_hf(hf_state, cfg.num_layers)
     # Built on the meta device: random init of what is overwritten at once would cost seconds
     # for the large sizes; assign=True then adopts the loaded tensors as the parameters.
@@ -123,13 +148,14 @@ def load_folder(folder: str | Path) -> GPT:
 def config_from_hf(hf: dict) -> GPTConfig:
     """Our GPTConfig for a transformers GPT2Config dict; refuses what GPT-2 as we build it lacks."""
     eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    number = isinstance(eps, int | float) and not isinstance(eps, bool)
     checks = {
         "model_type": (hf.get("model_type", "gpt2") == "gpt2", "gpt2"),
         "activation_function": (
             hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
             "gelu_new (GELU, tanh form)",
         ),
-        "layer_norm_epsilon": (math.isclose(eps, LAYER_NORM_EPS), LAYER_NORM_EPS),
+        "layer_norm_epsilon": (number and math.isclose(eps, LAYER_NORM_EPS), LAYER_NORM_EPS),
         "n_inner": (hf.get("n_inner") in (None, 4 * hf.get("n_embd", 0)), "null or 4 * n_embd"),
         "scale_attn_weights": (hf.get("scale_attn_weights", True), True),
         "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx"), False),
@@ -151,6 +177,8 @@ def config_from_hf(hf: dict) -> GPTConfig:
         )
     except KeyError as error:
         raise WeightsError(f"config.json lacks {error.args[0]!r}") from error
+    except ValueError as error:  # named as GPTConfig's fields: n_head is num_heads, ...
+        raise WeightsError(f"config.json describes no valid GPT-2 ({error})") from error
 
 
 def config_to_hf(cfg: GPTConfig) -> dict:
@@ -247,6 +275,9 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
     if not cfg.qkv_bias:
         raise ValueError("qkv_bias=False cannot be exported: GPT-2's c_attn always has a bias")
     directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):  # checked before anything is replaced
+        if (directory / name).is_dir():
+            raise WeightsError(f"{directory / name} is a folder: cannot write the {name} there")
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed into place, so a crash never leaves half a folder.
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -274,9 +305,21 @@ def load_checkpoint(path: str | Path) -> GPT:
         )
     try:
         return GPT.from_checkpoint(path)
-    except (KeyError, TypeError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        IndexError,
+        AttributeError,
+        RuntimeError,
+        pickle.UnpicklingError,
+        EOFError,
+    ) as error:
         reason = f"{type(error).__name__}: {_first_line(error)}"
-        if isinstance(error, pickle.UnpicklingError):
+        unsupported = re.search(r"Unsupported global: [^\n]*", str(error))
+        if unsupported:  # a PyTorch file holding objects that weights_only refuses to build
+            reason = unsupported.group()
+        elif isinstance(error, pickle.UnpicklingError):
             # Its own message is a paragraph about weights_only, which is not the point here.
             reason = "not a PyTorch file"
         raise WeightsError(
@@ -286,6 +329,8 @@ def load_checkpoint(path: str | Path) -> GPT:
 
 def load_weights(source: str, key: str = "init_from") -> GPT:
     """A model from a Lightning .ckpt file, a Hugging Face folder or an official size name."""
+    if not str(source).strip():  # Path("") is the current folder
+        raise ValueError(f"{key}={source!r} is empty: pass a .ckpt, a folder or a size name")
     path = Path(source)
     if path.is_file():
         return load_checkpoint(path)
@@ -298,10 +343,17 @@ def load_weights(source: str, key: str = "init_from") -> GPT:
 
 
 def _first_line(error: BaseException) -> str:
-    return str(error).strip().split("\n", 1)[0] or type(error).__name__
+    """The reason in one line; a heading such as "Error(s) in loading state_dict for GPT:" keeps
+    the line that follows it (which tensor, which shapes)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else type(error).__name__
 
 
 def _export(checkpoint: str, directory: str, force: bool) -> None:
+    if not directory.strip():  # Path("") is the current folder
+        raise WeightsError("the folder to write is empty: pass its path")
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise WeightsError(f"{directory!r} is a file: pass a folder to write")

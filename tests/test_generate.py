@@ -390,3 +390,53 @@ def test_half_steps_of_a_model_already_in_bf16_are_refused_in_one_line(dtype):
         generate(model, idx, 3, dtype=dtype)
     for fine in (None, torch.bfloat16):  # its own dtype: the model steps as it is
         assert generate(model, idx, 3, temperature=0, dtype=fine).shape == (1, 5)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(model):
+    idx = torch.tensor([[1, 2, 3]])
+    greedy = generate(model, idx, 6, temperature=0)
+    # logits / 1e-40 overflowed to inf, then nan probabilities, before the row's max was taken off
+    assert torch.equal(generate(model, idx, 6, temperature=1e-40), greedy)
+
+
+@pytest.mark.parametrize(
+    ("idx", "kwargs", "message"),
+    [
+        (torch.tensor([[1, 96]]), {}, r"idx holds token id 96: ids must be in \[0, 96\)"),
+        (torch.tensor([[1, -1]]), {}, r"idx holds token id -1"),
+        (torch.tensor([[1, 2]], dtype=torch.int16), {}, r"dtype torch.int16 is invalid"),
+        (torch.zeros(0, 3, dtype=torch.long), {}, r"idx of shape \(0, 3\)"),
+        (torch.tensor([[1, 2]]), {"eos_id": 1.5}, r"eos_id=1.5 is invalid"),
+        (torch.tensor([[1, 2]]), {"eos_id": True}, r"eos_id=True is invalid"),
+        (
+            torch.tensor([[1, 2]]),
+            {"attention_mask": torch.tensor([[0.5, 1.0]])},
+            r"attention_mask of shape \(1, 2\) and dtype torch.float32 is invalid",
+        ),
+    ],
+)
+def test_bad_prompt_tensors_are_refused_before_any_step(model, idx, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, idx, 2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("device=meta", "device='meta' is not supported: use auto, cpu or cuda[:index]"),
+        ("seed=99999999999999999999", "seed=99999999999999999999 is invalid: must be an integer"),
+        ("prompt=1e3", "prompt=1000.0 is not text: quote it for Hydra"),
+        ("prompt=null", "prompt=None is not text"),
+    ],
+)
+def test_generate_cli_settings_fail_before_the_weights_load(override, message):
+    from hydra import compose, initialize_config_dir
+
+    from gpt2_lightning.generate import _run
+
+    conf = Path(__file__).parent.parent / "gpt2_lightning" / "conf"
+    with initialize_config_dir(str(conf), version_base=None):
+        cfg = compose("generate", overrides=["checkpoint=/nonexistent.ckpt", override])
+    with pytest.raises(ValueError) as error:
+        _run(cfg)  # the checkpoint does not exist: the setting must be refused first
+    assert str(error.value).startswith(message)

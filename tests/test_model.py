@@ -288,3 +288,16 @@ def test_linear_leaves_autocast_inputs_to_autocast():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     with pytest.raises(RuntimeError):  # outside autocast a mismatch stays an error, as in F.linear
         layer(x)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("qkv_bias", "no", "qkv_bias='no' is invalid: must be True or False"),
+        ("vocab_size", True, "vocab_size=True is invalid: must be a positive integer"),
+    ],
+)
+def test_config_refuses_values_of_the_wrong_type(field, value, message):
+    with pytest.raises(ValueError) as error:
+        GPTConfig(**{**GPTConfig.from_name("tiny").to_dict(), field: value})
+    assert str(error.value) == message

@@ -266,3 +266,79 @@ def test_a_file_that_is_not_a_training_checkpoint_gets_a_reason(tmp_path):
     torch.save({"weights": torch.zeros(2)}, other)  # a PyTorch file, but not from training
     with pytest.raises(WeightsError, match=r"is not a checkpoint .* \(KeyError: "):
         weights.load_checkpoint(other)
+
+
+def test_a_checkpoint_holding_other_objects_gets_a_reason(tmp_path):
+    tensor = tmp_path / "tensor.ckpt"
+    torch.save(torch.zeros(3), tensor)  # a tensor, not a dict (was an IndexError traceback)
+    with pytest.raises(WeightsError, match=r"is not a checkpoint .* \(IndexError: "):
+        weights.load_checkpoint(tensor)
+    namespace = tmp_path / "namespace.ckpt"
+    torch.save({"args": __import__("argparse").Namespace(a=1)}, namespace)
+    with pytest.raises(WeightsError, match=r"\(Unsupported global: GLOBAL argparse.Namespace"):
+        weights.load_checkpoint(namespace)
+
+
+@pytest.mark.parametrize(
+    ("config", "weights_bytes", "message"),
+    [
+        ("[1]", None, r"config.json holds a list, not a JSON object$"),
+        ("{'n_head': 2}", None, r"config.json is not valid JSON \(Expecting property name"),
+        ('{"layer_norm_epsilon": "1e-5"}', None, r"layer_norm_epsilon='1e-5': only 1e-05"),
+        ("keep", b"\x08\x00\x00\x00\x00\x00\x00\x00{}", r"model.safetensors is not a readable"),
+        ("keep", b"", r"model.safetensors is not a readable weights file \(SafetensorError"),
+    ],
+)
+def test_broken_hf_folder_is_named_in_one_line(
+    hf_folder, tmp_path: Path, config, weights_bytes, message
+) -> None:
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((hf_folder / name).read_bytes())
+    if config != "keep":
+        (tmp_path / "config.json").write_text(config)
+    if weights_bytes is not None:
+        (tmp_path / "model.safetensors").write_bytes(weights_bytes)
+    with pytest.raises(WeightsError, match=message) as error:
+        load_pretrained(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_config_json_that_disagrees_with_the_weights_names_the_tensor(hf_folder, tmp_path):
+    config = json.loads((hf_folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": config["n_embd"] * 2}))
+    (tmp_path / "model.safetensors").write_bytes((hf_folder / "model.safetensors").read_bytes())
+    with pytest.raises(WeightsError, match=r"size mismatch for tok_emb.weight"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_head": 5}))
+    with pytest.raises(WeightsError, match=r"describes no valid GPT-2 \(emb_dim=48 .* num_heads=5"):
+        load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"pytorch_model.bin is not a readable weights file"):
+        load_pretrained(tmp_path)
+    torch.save([torch.zeros(1)], tmp_path / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"pytorch_model.bin does not hold a dict of tensors"):
+        load_pretrained(tmp_path)
+
+
+def test_an_empty_source_is_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint='' is empty"):
+        weights.load_weights("", key="checkpoint")
+    with pytest.raises(ValueError, match=r"'' is empty"):
+        load_pretrained("")
+    with pytest.raises(WeightsError, match="the folder to write is empty"):
+        weights._export("unused.ckpt", "", force=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_before_replacing_anything(tmp_path):
+    target = tmp_path / "hf"
+    (target / "model.safetensors").mkdir(parents=True)
+    (target / "config.json").write_text("old")
+    model = GPT(GPTConfig(vocab_size=64, context_length=8, emb_dim=16, num_layers=1, num_heads=2))
+    with pytest.raises(WeightsError, match=r"model.safetensors is a folder"):
+        save_pretrained(model, target)
+    assert (target / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging folder left
