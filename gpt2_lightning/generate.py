@@ -404,6 +404,11 @@ def _run(cfg: DictConfig) -> None:
             dtype=dtype,
         )
         for token in tokens:
+            if token >= tokenizer.n_vocab:
+                raise ValueError(
+                    f"the model sampled id {token}, which the GPT-2 tokenizer's {tokenizer.n_vocab}"
+                    f" ids lack (vocab_size={model.cfg.vocab_size}): use generate() from Python"
+                )
             if token != eos_id:
                 text = decoder.decode(tokenizer.decode_single_token_bytes(token))
                 print(text, end="", flush=True)

@@ -440,3 +440,26 @@ def test_generate_cli_settings_fail_before_the_weights_load(override, message):
     with pytest.raises(ValueError) as error:
         _run(cfg)  # the checkpoint does not exist: the setting must be refused first
     assert str(error.value).startswith(message)
+
+
+def test_generate_cli_stops_on_an_id_the_tokenizer_lacks(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from gpt2_lightning.generate import _run
+
+    torch.manual_seed(0)
+    padded = GPT(
+        GPTConfig(vocab_size=50304, context_length=16, emb_dim=16, num_layers=1, num_heads=2)
+    )
+    with torch.no_grad():  # every greedy step picks 50300 or 50301: padding ids
+        direction = torch.randn(16)
+        padded.tok_emb.weight.zero_()
+        padded.tok_emb.weight[50300], padded.tok_emb.weight[50301] = direction, -direction
+    state = {f"model.{k}": v for k, v in padded.state_dict().items()}
+    ckpt = tmp_path / "padded.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"model": padded.cfg.to_dict()}}, ckpt)
+    conf = Path(__file__).parent.parent / "gpt2_lightning" / "conf"
+    with initialize_config_dir(str(conf), version_base=None):
+        cfg = compose("generate", overrides=[f"checkpoint={ckpt}", "temperature=0"])
+    with pytest.raises(ValueError, match=r"the model sampled id 5030[01], which the GPT-2 tok"):
+        _run(cfg)
