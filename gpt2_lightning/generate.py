@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from gpt2_lightning.cli import check_generate_command, one_line
 from gpt2_lightning.model import GPT, KVCache
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.weights import WeightsError, load_weights
@@ -426,12 +427,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-def one_line(error: BaseException) -> str:
-    """OmegaConf's messages add `full_key: ...` and `object_type=...` lines: keep the key."""
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
-    key = getattr(error, "full_key", None)
-    return f"{first} (at {key})" if isinstance(error, OmegaConfBaseException) and key else first
-
-
 if __name__ == "__main__":
+    try:
+        check_generate_command(sys.argv[1:])
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     main()

@@ -20,7 +20,6 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
@@ -36,7 +35,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2_lightning.callbacks import ProgressBar, sample_text, shards_weights
-from gpt2_lightning.generate import check_sampling, one_line
+from gpt2_lightning.cli import CONF, compose_config, composition_error, one_line, parse, unknown_key
+from gpt2_lightning.generate import check_sampling
 from gpt2_lightning.model import GPTConfig
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.weights import WeightsError, load_weights
@@ -99,9 +99,6 @@ def check_checkpoint(path: str, model: DictConfig) -> None:
             )
 
 
-CONF = Path(__file__).parent / "conf"
-
-
 def check_config_choices(args: list[str]) -> None:
     """Refuse, in one line, a config-group choice that conf/ does not have (model=125M, ...).
 
@@ -154,17 +151,9 @@ def check_overrides(args: list[str]) -> None:
     texts = [a for a in args if not a.startswith("-")]
     if any(t.startswith("hydra.searchpath") for t in texts):
         return
-    parser = OverridesParser.create()
     fixed, given, swept = [], {}, {}
     for text in texts:
-        try:
-            (override,) = parser.parse_overrides([text])
-        except HydraException as error:
-            reason = str(error).splitlines()[0]
-            raise ValueError(
-                f"{text!r} is not an override Hydra can read ({reason}): write key=value; "
-                "see https://hydra.cc/docs/advanced/override_grammar/basic/"
-            ) from None
+        override = parse(text)
         if not override.is_sweep_override():
             fixed.append(text)
         elif override.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
@@ -175,9 +164,9 @@ def check_overrides(args: list[str]) -> None:
         else:
             swept[override.key_or_group] = override
     try:
-        cfg = _compose(fixed)
+        cfg = compose_config("train", fixed)
     except HydraException as error:
-        raise ValueError(_composition_error(error, fixed, given)) from None
+        raise ValueError(composition_error("train", error, fixed, given)) from None
     except Exception:
         return  # Hydra's own report will say what is wrong
     for key, override in swept.items():  # range(), interval(), ...: does the key exist?
@@ -188,7 +177,7 @@ def check_overrides(args: list[str]) -> None:
         except OmegaConfBaseException:
             return
         if missing:
-            raise ValueError(_unknown_key(key, override.input_line, fixed))
+            raise ValueError(unknown_key("train", key, override.input_line, fixed))
     # The checks every job makes, made once. In a sweep a mistake may be one of some jobs only:
     # it is left to them when it names a key that varies (a swept key, or one in the search
     # space of Optuna that the command line does not pin) or when interpolations may hide one.
@@ -212,11 +201,6 @@ def check_overrides(args: list[str]) -> None:
         return
 
 
-def _compose(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
-
-
 def _involves(message: str, keys: set[str]) -> bool:
     """Whether an error message names one of keys, a key inside or around one, or its last part
     (GPTConfig names model.num_heads num_heads)."""
@@ -228,37 +212,6 @@ def _involves(message: str, keys: set[str]) -> bool:
         n == k or n.startswith(f"{k}.") or k.startswith(f"{n}.") or k.endswith(f".{n}")
         for n, k in inside
     )
-
-
-def _composition_error(error: HydraException, overrides: list[str], given: dict) -> str:
-    """Hydra's reason in one line; for an unknown key, the keys its parent does have."""
-    unknown = re.match(r"Could not override '(.+)'", str(error))
-    if not unknown:
-        reason = [line.strip() for line in str(error).splitlines() if line.strip()]
-        if error.__cause__ is not None:  # e.g. "list index out of range"
-            reason.append(f"({str(error.__cause__).splitlines()[0]})")
-        return " ".join(reason)
-    key = unknown.group(1)
-    override = next(o for o in overrides if o.split("=", 1)[0] == key)
-    return _unknown_key(key, given.get(override, override), overrides)
-
-
-def _unknown_key(key: str, text: str, overrides: list[str]) -> str:
-    """The nearest enclosing node that exists, and its keys."""
-    hint = f"to add a new key, write +{text}"
-    try:
-        cfg = _compose([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent, default=KeyError) if parent else cfg
-        while node is KeyError:  # callbacks.nope.x: callbacks has no key nope
-            parent, _, leaf = parent.rpartition(".")
-            node = OmegaConf.select(cfg, parent, default=KeyError) if parent else cfg
-    except Exception:
-        return f"{text}: the config has no key {key!r}; {hint}"
-    if not isinstance(node, DictConfig):
-        return f"{text}: {parent} is {node!r}, which has no keys"
-    keys = ", ".join(str(k) for k in node if k != "hydra") or "no keys"
-    return f"{text}: {parent or 'the config'} has no key {leaf!r} (it has: {keys}); {hint}"
 
 
 def natural_order(name: str) -> tuple[int, str]:

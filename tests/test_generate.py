@@ -463,3 +463,36 @@ def test_generate_cli_stops_on_an_id_the_tokenizer_lacks(tmp_path, capsys):
         cfg = compose("generate", overrides=[f"checkpoint={ckpt}", "temperature=0"])
     with pytest.raises(ValueError, match=r"the model sampled id 5030[01], which the GPT-2 tok"):
         _run(cfg)
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("top_kk=5", "top_kk=5: the config has no key 'top_kk' (it has: checkpoint, prompt, "),
+        ("prompt=Hello, world", "'prompt=Hello, world' is a list of values to Hydra (a sweep)"),
+        ("prompt=it's", '"prompt=it\'s" is not an override Hydra can read'),
+        ("prompt=héllo", "'prompt=héllo' is not an override Hydra can read"),
+        ("+foo=1", "'+foo=1': generate takes only its own keys (checkpoint, prompt, "),
+        ("~top_k", "'~top_k': generate takes only its own keys"),
+    ],
+)
+def test_generate_command_line_mistakes_are_one_line(arg, message):
+    from gpt2_lightning.cli import check_generate_command
+
+    with pytest.raises(ValueError) as error:
+        check_generate_command(["checkpoint=tiny.ckpt", arg])
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+    check_generate_command(["checkpoint=tiny.ckpt", "'prompt=\"Hello, world\"'".strip("'")])
+
+
+def test_generate_cli_unknown_key_exits_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2_lightning.generate", "top_kk=5"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: top_kk=5: the config has no key 'top_kk'")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
