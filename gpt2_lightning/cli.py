@@ -84,6 +84,8 @@ def unknown_key(name: str, key: str, text: str, overrides: list[str], can_add: b
 def check_generate_command(args: list[str]) -> None:
     """generate's command line: overrides Hydra can read, keys conf/generate.yaml has, no sweep
     (prompt=Hello, world is a list of two values to Hydra). Flags are left to Hydra."""
+    if "-m" in args or "--multirun" in args:
+        raise ValueError("generate runs once: -m/--multirun is for train's sweeps")
     if any(a.startswith("-") for a in args):
         return
     for text in args:

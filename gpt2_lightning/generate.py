@@ -432,4 +432,8 @@ if __name__ == "__main__":
         check_generate_command(sys.argv[1:])
     except ValueError as error:
         sys.exit(f"error: {error}")
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while text streams: stop, without a traceback
+        print(file=sys.stderr)
+        sys.exit(130)

@@ -281,6 +281,9 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed into place, so a crash never leaves half a folder.
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
         save_file(state_to_hf(model), staging / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -296,6 +299,8 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
 def load_checkpoint(path: str | Path) -> GPT:
     """The model from a Lightning checkpoint written by training, with one clear error if not."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"checkpoint {str(path)!r} is a folder: pass a .ckpt file")
     if not path.is_file():
         raise WeightsError(f"checkpoint {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
@@ -359,7 +364,11 @@ def _export(checkpoint: str, directory: str, force: bool) -> None:
         raise WeightsError(f"{directory!r} is a file: pass a folder to write")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise WeightsError(f"{directory!r} exists and is not empty: choose another or add --force")
-    save_pretrained(load_checkpoint(checkpoint), target)
+    model = load_checkpoint(checkpoint)
+    try:
+        save_pretrained(model, target)
+    except OSError as error:  # a parent that is a file, a read-only place, a full disk, ...
+        raise WeightsError(f"cannot write {directory!r}: {error.strerror}") from error
     print(target)
 
 

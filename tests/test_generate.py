@@ -474,6 +474,7 @@ def test_generate_cli_stops_on_an_id_the_tokenizer_lacks(tmp_path, capsys):
         ("prompt=héllo", "'prompt=héllo' is not an override Hydra can read"),
         ("+foo=1", "'+foo=1': generate takes only its own keys (checkpoint, prompt, "),
         ("~top_k", "'~top_k': generate takes only its own keys"),
+        ("-m", "generate runs once: -m/--multirun is for train's sweeps"),
     ],
 )
 def test_generate_command_line_mistakes_are_one_line(arg, message):

@@ -342,3 +342,19 @@ def test_export_refuses_before_replacing_anything(tmp_path):
         save_pretrained(model, target)
     assert (target / "config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging folder left
+
+
+def test_export_errors_name_the_target_and_the_folder_is_not_private(tmp_path):
+    model = GPT(GPTConfig(vocab_size=64, context_length=8, emb_dim=16, num_layers=1, num_heads=2))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "small.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"model": model.cfg.to_dict()}}, ckpt)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(WeightsError, match=r"^cannot write '.*afile/sub': "):
+        weights._export(str(ckpt), str(tmp_path / "afile" / "sub"), force=False)
+    with pytest.raises(WeightsError, match=r"is a folder: pass a .ckpt file"):
+        weights._export(str(tmp_path), str(tmp_path / "out"), force=False)
+    weights._export(str(ckpt), str(tmp_path / "hf"), force=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's is 0700
