@@ -281,10 +281,10 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed into place, so a crash never leaves half a folder.
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
         (staging / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
         save_file(state_to_hf(model), staging / WEIGHTS_FILE, metadata={"format": "pt"})
         if directory.exists():
