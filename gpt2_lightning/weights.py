@@ -41,6 +41,9 @@ REPOS = {
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
+GENERATION_FILE = "generation_config.json"
+EXPORTED_FILES = (CONFIG_FILE, GENERATION_FILE, WEIGHTS_FILE)
+INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json: the shards of a large model
 EOS_ID = 50256  # <|endoftext|>, GPT-2's only special token
 LAYER_NORM_EPS = 1e-5  # our LayerNorm's, fixed: a config asking for another cannot be matched
 
@@ -99,7 +102,7 @@ def load_pretrained(name_or_path: str | Path) -> GPT:
 
 
 def load_folder(folder: str | Path) -> GPT:
-    """A GPT from a Hugging Face GPT-2 folder: config.json plus model.safetensors (or .bin)."""
+    """A GPT from a Hugging Face GPT-2 folder: config.json and model.safetensors (.bin, shards)."""
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
@@ -111,15 +114,61 @@ def load_folder(folder: str | Path) -> GPT:
     if not isinstance(hf, dict):
         raise WeightsError(f"{config_path} holds a {type(hf).__name__}, not a JSON object")
     cfg = config_from_hf(hf)
-    found = [folder / n for n in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE) if (folder / n).is_file()]
-    weights = found[0] if found else None
-    if weights is None:
-        raise WeightsError(
-            f"{folder} holds neither {WEIGHTS_FILE} nor {LEGACY_WEIGHTS_FILE} "
-            "(folders of sharded weights are not supported)"
-        )
+    hf_state = {}
+    for weights in weights_files(folder):
+        hf_state.update(read_weights(weights))
+    state = state_from_hf(hf_state, cfg.num_layers)
+    # Built on the meta device: random init of what is overwritten at once would cost seconds
+    # for the large sizes; assign=True then adopts the loaded tensors as the parameters.
+    with torch.device("meta"):
+        model = GPT(cfg)
     try:
-        if weights.name == WEIGHTS_FILE:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as error:  # shapes that disagree with config.json
+        raise WeightsError(f"{folder}: {_first_line(error)}") from error
+    model.lm_head.weight = model.tok_emb.weight  # assign gave each name its own Parameter: re-tie
+    return model
+
+
+def weights_files(folder: Path) -> list[Path]:
+    """The files holding a folder's weights, in transformers' order of preference: one
+    model.safetensors, its shards (model.safetensors.index.json), then the same for the legacy
+    pytorch_model.bin. save_pretrained shards a model larger than its max_shard_size."""
+    for name in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}{INDEX_SUFFIX}"
+        if index.is_file():
+            return _shards(index)
+    raise WeightsError(
+        f"{folder} holds neither {WEIGHTS_FILE} nor {LEGACY_WEIGHTS_FILE} (nor an "
+        f"{WEIGHTS_FILE}{INDEX_SUFFIX} naming shards)"
+    )
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files an index names ({"weight_map": {tensor name: file name}}), each once."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, AttributeError) as error:  # not JSON, or JSON that is not an object
+        raise WeightsError(f"{index} is not a JSON object ({_first_line(error)})") from error
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(f'{index} has no "weight_map" object naming the shard files')
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):  # in order, without repeats
+        # A plain file name next to the index: a path could read files outside the folder.
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise WeightsError(f"{index} names {name!r} as a shard: not a file name")
+        if not (index.parent / name).is_file():
+            raise WeightsError(f"{index} names the shard {name}, which is not in the folder")
+        shards.append(index.parent / name)
+    return shards
+
+
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one .safetensors or pickled .bin file, with one clear error if not."""
+    try:
+        if weights.suffix == ".safetensors":
             hf_state = load_file(weights)
         else:
             hf_state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -132,17 +181,7 @@ def load_folder(folder: str | Path) -> GPT:
         isinstance(v, torch.Tensor) for v in hf_state.values()
     ):
         raise WeightsError(f"{weights} does not hold a dict of tensors")
-    state = state_from_hf(hf_state, cfg.num_layers)
-    # Built on the meta device: random init of what is overwritten at once would cost seconds
-    # for the large sizes; assign=True then adopts the loaded tensors as the parameters.
-    with torch.device("meta"):
-        model = GPT(cfg)
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as error:  # shapes that disagree with config.json
-        raise WeightsError(f"{folder}: {_first_line(error)}") from error
-    model.lm_head.weight = model.tok_emb.weight  # assign gave each name its own Parameter: re-tie
-    return model
+    return hf_state
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
@@ -266,7 +305,8 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: GPT, directory: str | Path) -> None:
-    """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
+    """Write config.json, generation_config.json and model.safetensors, a folder that
+    transformers.GPT2LMHeadModel.from_pretrained loads."""
     cfg = model.cfg
     if cfg.norm != "layernorm":
         raise ValueError(
@@ -275,7 +315,7 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
     if not cfg.qkv_bias:
         raise ValueError("qkv_bias=False cannot be exported: GPT-2's c_attn always has a bias")
     directory = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):  # checked before anything is replaced
+    for name in EXPORTED_FILES:  # checked before anything is replaced
         if (directory / name).is_dir():
             raise WeightsError(f"{directory / name} is a folder: cannot write the {name} there")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -285,10 +325,15 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
-        (staging / CONFIG_FILE).write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+        hf = config_to_hf(cfg)
+        (staging / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+        # What transformers' generate() starts from (it writes one too): stop at <|endoftext|>.
+        # Written every time, so an export over an older folder leaves no stale settings there.
+        generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id")}
+        (staging / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(state_to_hf(model), staging / WEIGHTS_FILE, metadata={"format": "pt"})
         if directory.exists():
-            for name in (CONFIG_FILE, WEIGHTS_FILE):
+            for name in EXPORTED_FILES:
                 os.replace(staging / name, directory / name)
         else:
             staging.rename(directory)

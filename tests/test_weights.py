@@ -91,10 +91,14 @@ def test_save_pretrained_loads_in_transformers(idx, tmp_path: Path) -> None:
     save_pretrained(model, tmp_path / "export")
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
     ]
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"] and config["tie_word_embeddings"]
+    # no <|endoftext|> in a 1000-token vocabulary: nothing to stop at
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "export")
+    assert generation.eos_token_id is None and generation.bos_token_id is None
     hf_model, info = transformers.GPT2LMHeadModel.from_pretrained(
         tmp_path / "export", output_loading_info=True, attn_implementation="eager"
     )
@@ -165,6 +169,89 @@ def test_export_cli_writes_a_folder_with_the_same_model(idx, tmp_path: Path) -> 
     ]
     forced = run_weights_cli("export", "last.ckpt", "exported", "--force", cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr
+
+
+def test_export_over_an_older_folder_replaces_its_generation_settings(tmp_path: Path) -> None:
+    cfg = GPTConfig(vocab_size=50257, context_length=8, emb_dim=16, num_layers=1, num_heads=2)
+    model = GPT(cfg)
+    target = tmp_path / "hf"
+    target.mkdir()
+    (target / "generation_config.json").write_text('{"do_sample": true, "eos_token_id": 7}')
+    (target / "tokenizer.json").write_text("{}")  # files export does not write stay
+    save_pretrained(model, target)
+    written = json.loads((target / "generation_config.json").read_text())
+    assert written == {"bos_token_id": 50256, "eos_token_id": 50256}  # do_sample is gone
+    generation = transformers.GenerationConfig.from_pretrained(target)
+    assert (generation.eos_token_id, generation.bos_token_id) == (50256, 50256)
+    assert (target / "tokenizer.json").read_text() == "{}"
+
+
+def write_bin_shards(hf_model: transformers.GPT2LMHeadModel, folder: Path) -> None:
+    """pytorch_model-0000k-of-00002.bin shards and their index, as older transformers wrote."""
+    hf_model.config.save_pretrained(folder)
+    state = hf_model.state_dict()
+    names = sorted(state)
+    weight_map = {}
+    for k, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
+        shard = f"pytorch_model-0000{k}-of-00002.bin"
+        torch.save({name: state[name] for name in part}, folder / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_sharded_hf_folders_load(hf_model, idx, tmp_path: Path, kind: str) -> None:
+    if kind == "safetensors":
+        hf_model.save_pretrained(tmp_path, max_shard_size="40KB")
+        index = tmp_path / "model.safetensors.index.json"
+    else:
+        write_bin_shards(hf_model, tmp_path)
+        index = tmp_path / "pytorch_model.bin.index.json"
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / shard).is_file() for shard in shards)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert max_diff(load_pretrained(tmp_path), hf_model, idx) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("index not json", r"index.json is not a JSON object \(Expecting value"),
+        ("index a list", r"index.json is not a JSON object \('list' object has no attribute"),
+        ("no weight_map", r'index.json has no "weight_map" object naming the shard files'),
+        ("path as shard", r"index.json names '../outside.bin' as a shard: not a file name"),
+        ("shard missing", r"names the shard pytorch_model-00002-of-00002.bin, which is not in"),
+        ("shard broken", r"pytorch_model-00002-of-00002.bin is not a readable weights file"),
+        ("tensor missing", r"do not fit a 3-layer GPT-2: missing \['h.2.mlp.c_proj.bias'\]"),
+    ],
+)
+def test_broken_shards_are_named_in_one_line(hf_model, tmp_path, change, message) -> None:
+    write_bin_shards(hf_model, tmp_path)
+    index_file = tmp_path / "pytorch_model.bin.index.json"
+    index = json.loads(index_file.read_text())
+    second = tmp_path / "pytorch_model-00002-of-00002.bin"
+    if change == "index not json":
+        index_file.write_text("")
+    elif change == "index a list":
+        index_file.write_text("[]")
+    elif change == "no weight_map":
+        index_file.write_text('{"metadata": {}}')
+    elif change == "path as shard":
+        index["weight_map"]["transformer.wte.weight"] = "../outside.bin"
+        index_file.write_text(json.dumps(index))
+    elif change == "shard missing":
+        second.unlink()
+    elif change == "shard broken":
+        second.write_bytes(b"garbage")
+    else:  # a shard that lacks a tensor its index names
+        torch.save(
+            {k: v for k, v in torch.load(second).items() if k != "transformer.h.2.mlp.c_proj.bias"},
+            second,
+        )
+    with pytest.raises(WeightsError, match=message) as error:
+        load_pretrained(tmp_path)
+    assert "\n" not in str(error.value)
 
 
 class FakeHub:
