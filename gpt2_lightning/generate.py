@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import copy
 import math
+import os
 import sys
 import weakref
 from collections.abc import Iterator
@@ -421,6 +422,10 @@ def main(cfg: DictConfig) -> None:
     """`python -m gpt2_lightning.generate checkpoint=... prompt=...`: stream text to stdout."""
     try:
         _run(cfg)
+    except BrokenPipeError:  # `... | head`: the reader has all it wants; stop quietly
+        # Python's recipe: point stdout at devnull, or its flush at exit fails once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except (ValueError, OSError, WeightsError, OmegaConfBaseException) as error:
         # Expected mistakes get one line; an exception escaping here would print a traceback.
         print(f"error: {one_line(error)}", file=sys.stderr)

@@ -497,3 +497,29 @@ def test_generate_cli_unknown_key_exits_with_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: top_kk=5: the config has no key 'top_kk'")
     assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_generate_cli_stops_quietly_when_the_reader_goes_away(tmp_path):
+    model = GPT(
+        GPTConfig(vocab_size=50257, context_length=64, emb_dim=16, num_layers=1, num_heads=2)
+    )
+    model.save_pretrained(tmp_path / "tiny-hf")
+    # `generate ... | head -c 0`: the pipe is closed long before the first token (imports alone
+    # take a second), so every write fails with EPIPE
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpt2_lightning.generate",
+            "checkpoint=tiny-hf",
+            "max_new_tokens=50",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert stderr == ""  # was "error: [Errno 32] Broken pipe"
