@@ -272,6 +272,24 @@ def test_optuna_sweep_survives_failed_and_unvalidated_trials(token_cache, tmp_pa
     assert best["best_value"] == outcomes[1][2]
 
 
+def test_optuna_sweep_without_a_completed_trial_ends_in_one_line(token_cache, tmp_path):
+    # Every dropout in (1.5, 2) is invalid: each trial fails before training, and the plugin's
+    # request for the best trial at the end used to raise Optuna's "Record does not exist".
+    result = optuna_sweep(
+        token_cache, tmp_path / "sweep", "hydra.sweeper.n_trials=2", "model.dropout=interval(1.5,2)"
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in output(result)
+    assert output(result).count("Failed experiment: error: model.dropout=1.") == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no trial of this Optuna sweep completed, so it has no best value: the 'Failed "
+        "experiment' lines above say why each one failed"
+    )
+    states = [t.state for t in study_trials(tmp_path / "sweep")]
+    assert states == [optuna.trial.TrialState.FAIL] * 2
+    assert not (tmp_path / "sweep" / "optimization_results.yaml").exists()
+
+
 def test_bf16_mixed_run_ends_with_a_finite_loss(run_train, tmp_path):
     result = run_train("trainer.precision=bf16-mixed", *SHORT)
     assert result.returncode == 0, result.stderr
