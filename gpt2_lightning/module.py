@@ -141,6 +141,18 @@ class GPTLightningModule(L.LightningModule):
         self.log("val/ppl", torch.exp(loss))
         self.validated_at_step = self.global_step
 
+    def on_train_end(self) -> None:
+        # What train.py reads after fit. ddp_spawn trains in processes of its own, which hand
+        # back only the weights and callback_metrics: the counts travel in the latter.
+        self.trainer.callback_metrics.update(
+            {
+                "fit/global_step": torch.tensor(self.global_step),
+                "fit/validated_at_step": torch.tensor(
+                    -1 if self.validated_at_step is None else self.validated_at_step
+                ),
+            }
+        )
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Before clipping: the norm the clip threshold is compared with.
         self.log("train/grad_norm", grad_norm(self.model, norm_type=2)["grad_2.0_norm_total"])

@@ -361,7 +361,11 @@ def train(cfg: DictConfig) -> float:
                 file=sys.stderr,
             )
         sys.exit(128 + signal.SIGTERM)  # the exit status of a process ended by SIGTERM
-    if module.validated_at_step != trainer.global_step and not trainer.interrupted:
+    # Read from callback_metrics (module.on_train_end): under ddp_spawn, fit ran in other
+    # processes and this trainer's own step count is still 0.
+    steps = int(trainer.callback_metrics.get("fit/global_step", trainer.global_step))
+    validated = int(trainer.callback_metrics.get("fit/validated_at_step", -1))
+    if validated != steps and not trainer.interrupted:
         # max_steps is not a multiple of val_check_interval: validate the final weights too, so
         # the summary, the TensorBoard curve and a sweep's objective end at the last step. After
         # fit, not inside it: asking fit to stop early (should_stop) would also end the epoch,
@@ -376,7 +380,7 @@ def train(cfg: DictConfig) -> float:
             text = sample_text(module.model, **cfg.sample, seed=cfg.seed)
         since = f"{first_val:.3f} -> " if first_val is not None else ""
         print(f"\n--- sample (prompt {cfg.sample.prompt!r}) ---\n{text}\n---")
-        print(f"steps:      {trainer.global_step} in {time.perf_counter() - start:.0f} s")
+        print(f"steps:      {steps} in {time.perf_counter() - start:.0f} s")
         print(f"val loss:   {since}{last_val:.3f}")
         print(f"checkpoint: {last_ckpt}")
         if any(isinstance(logger, TensorBoardLogger) for logger in loggers):

@@ -316,23 +316,32 @@ def test_compiled_run_ends_with_a_finite_loss(run_train, tmp_path):
 
 @pytest.mark.slow
 def test_multirun_with_ddp_spawn_runs_each_job_on_two_ranks(tmp_path, token_cache):
+    short = [arg for arg in SHORT if not arg.startswith("trainer.max_steps=")]
     result = run_module(
         "gpt2_lightning.train",
         "-m",
         *TINY_RUN,
-        *SHORT,
+        *short,
         f"data.cache_dir={token_cache}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         "trainer.devices=2",
         "trainer.strategy=ddp_spawn",
-        "optimizer.lr=1e-4,3e-4",
+        "trainer.max_steps=3,4",  # validation every 3 steps: job 1 ends between two
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    # twice a job: ddp_spawn starts its processes again for the validation at the last step
-    assert result.stderr.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 4
-    for num in (0, 1):
-        assert last_checkpoint(tmp_path / "sweep" / str(num))["global_step"] == 3
+    # Job 0 validated its last step inside fit; job 1 starts its processes again to validate
+    # step 4 (the worker's counts reach this process through callback_metrics).
+    assert result.stderr.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 3
+    assert [
+        line.split()[1] for line in result.stdout.splitlines() if line.startswith("steps:")
+    ] == [
+        "3",
+        "4",
+    ]
+    for num, steps in ((0, 3), (1, 4)):
+        assert last_checkpoint(tmp_path / "sweep" / str(num))["global_step"] == steps
+        assert max(scalars(tmp_path / "sweep" / str(num))["val/loss"]) == steps
 
 
 def compose_trainer(preset: str):
