@@ -369,7 +369,9 @@ def train(cfg: DictConfig) -> float:
         # max_steps is not a multiple of val_check_interval: validate the final weights too, so
         # the summary, the TensorBoard curve and a sweep's objective end at the last step. After
         # fit, not inside it: asking fit to stop early (should_stop) would also end the epoch,
-        # and a resumed run would start the next one. (ddp_spawn starts its processes again.)
+        # and a resumed run would start the next one. (ddp_spawn starts its processes again,
+        # with this trainer's counts: the step its loggers write at is set to the last one.)
+        trainer.fit_loop.epoch_loop._batches_that_stepped = steps
         trainer.validate(module, datamodule, verbose=False)
     last_val = float(trainer.callback_metrics.get("val/loss", float("nan")))
 
