@@ -40,6 +40,19 @@ def parse(text: str) -> Override:
     return override
 
 
+def override(key: str, value: str) -> str:
+    """key=value written so that Hydra reads value back as this string (quoted where needed:
+    brackets, commas, quotes, non-ASCII), for commands printed to the user."""
+    quoted = '"' + value.replace('"', '\\"') + '"'
+    for text in (f"{key}={value}", f"{key}={quoted}"):
+        try:
+            if parse(text).value() == value:
+                return text
+        except ValueError:
+            pass
+    return f"{key}={quoted}"  # backslashes before a quote: rare enough to leave as they are
+
+
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
     """conf/<name>.yaml with the overrides, Hydra's own config (cfg.hydra) included."""
     with initialize_config_dir(str(CONF), version_base="1.3"):

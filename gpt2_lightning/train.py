@@ -233,6 +233,12 @@ def check_settings(cfg: DictConfig) -> None:
             "data.path is required here (data=text, or an experiment for your corpus): give a "
             "text file, a folder of *.txt files or a glob, e.g. data.path=my_texts/"
         )
+    if cfg.data.get("val_fraction") == 0:
+        raise ValueError(
+            "data.val_fraction=0 leaves nothing to validate on, and a run validates (before "
+            "training, every trainer.val_check_interval steps, at the end): give a fraction in "
+            "(0, 1)"
+        )
     for key in ("compile", "val_before_fit"):
         if not isinstance(cfg[key], bool):
             raise ValueError(f"{key}={cfg[key]!r} is invalid: use true or false")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,15 @@ def test_no_windows_in_an_empty_array():
     assert len(SlidingWindowDataset(np.zeros(0, dtype=np.uint16), 4, stride=1)) == 0
 
 
+def test_indexing_past_the_windows_raises_and_iteration_ends():
+    dataset = SlidingWindowDataset(np.arange(20, dtype=np.uint16), 4, stride=4)  # 4 windows
+    assert [x[0].item() for x, _ in dataset] == [0, 4, 8, 12]  # `for` stops at IndexError
+    assert dataset[-1][0].tolist() == [12, 13, 14, 15]  # from the end, as a list counts
+    for i in (4, -5):
+        with pytest.raises(IndexError, match=f"window {i} of 4"):
+            dataset[i]
+
+
 # --- sources -------------------------------------------------------------------------------------
 
 
@@ -132,6 +142,35 @@ def test_glob_selects_files(corpus_dir):
     assert [f.name for f in source_files(corpus_dir / "*.md")] == ["notes.md"]
 
 
+def test_a_path_that_exists_is_taken_as_written(tmp_path):
+    # glob characters in an existing name: the file itself, not what the pattern matches
+    book = write(tmp_path / "book[2].txt", "the second edition")
+    write(tmp_path / "book2.txt", "what the pattern book[2].txt matches")
+    assert source_files(book) == [book]
+    folder = write(tmp_path / "corpus[2024]" / "a.txt", "one file").parent
+    assert source_files(folder) == [folder / "a.txt"]
+
+
+def test_a_folder_leaves_out_hidden_files_and_folders_named_txt(corpus_dir):
+    write(corpus_dir / ".ipynb_checkpoints" / "b-checkpoint.txt", "a copy")
+    write(corpus_dir / ".hidden.txt", "hidden")
+    (corpus_dir / "folder.txt").mkdir()
+    assert [f.name for f in source_files(corpus_dir)] == ["c.txt", "z.txt", "b.txt"]
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("", "data.path='' is empty: give a text file"),  # not the current folder
+        ("  ", "data.path='  ' is empty"),
+        ("/dev/null", "data.path='/dev/null' is not a file or folder: give a text file"),
+    ],
+)
+def test_paths_that_name_no_text_are_refused(path, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        source_files(path)
+
+
 def test_single_file_is_its_own_source(tmp_path):
     file = write(tmp_path / "book.text", "any extension works for a named file")
     assert source_files(file) == [file]
@@ -155,6 +194,30 @@ def test_folder_documents_follow_sorted_order(corpus_dir, tmp_path):
     for doc in docs[1:]:
         expected += [EOT] + enc.encode_ordinary(doc)
     assert cached_ids(corpus_dir, tmp_path / "cache") == expected
+
+
+def test_a_large_file_is_read_in_pieces_with_the_same_ids(tmp_path):
+    # The embedded corpus with non-ASCII text, as one file read 4 KB at a time: a multi-byte
+    # character can straddle two reads, and the cuts must not change a single id.
+    text = "\n".join(embedded_documents()) + "Café, naïve, 漢字 — ünïcödé\n" * 50
+    file = write(tmp_path / "big.txt", text)
+    pieces = [piece for batch, _ in data._documents([file], 64 << 10, 4 << 10) for piece in batch]
+    assert len(pieces) > 100 and sum(starts for _, starts in pieces) == 1
+    assert "".join(piece for piece, _ in pieces) == text
+    assert max(len(piece.encode()) for piece, _ in pieces) < 8 << 10
+    enc = get_tokenizer()
+    ids = [token for piece, _ in pieces for token in enc.encode_ordinary(piece)]
+    assert ids == enc.encode_ordinary(text)
+
+
+def test_text_that_is_not_utf8_is_refused_with_its_offset(tmp_path):
+    file = tmp_path / "latin1.txt"
+    file.write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(
+        ValueError, match=r"latin1.txt is not UTF-8 text \(byte 0xe9 near offset 3\)"
+    ):
+        tokenize_to_cache(file, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
 def test_endoftext_written_in_a_file_is_plain_text(tmp_path):
@@ -448,7 +511,7 @@ def test_missing_path_is_refused_with_its_name(tmp_path):
 
 def test_folder_without_txt_is_refused(tmp_path):
     write(tmp_path / "docs" / "notes.md", "markdown, not .txt")
-    with pytest.raises(ValueError, match=r"is a folder that matches no text files \(\*\.txt\)"):
+    with pytest.raises(ValueError, match=r"is a folder that holds no \*\.txt files"):
         TextDataModule(path=str(tmp_path / "docs"))
 
 
@@ -456,6 +519,17 @@ def test_glob_matching_nothing_is_refused(tmp_path):
     pattern = str(tmp_path / "*.txt")
     with pytest.raises(ValueError, match=re.escape(f"{pattern!r} is a glob that matches no")):
         TextDataModule(path=pattern)
+
+
+def test_cache_files_are_readable_by_others(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        target = tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
+    finally:
+        os.umask(umask)
+    (index,) = (tmp_path / "cache" / "index").iterdir()
+    assert target.stat().st_mode & 0o777 == 0o644  # a temporary file's would be 0600
+    assert index.stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize(
@@ -470,6 +544,9 @@ def test_glob_matching_nothing_is_refused(tmp_path):
         ({"batch_size": "abc"}, "data.batch_size='abc' is invalid: must be a positive integer"),
         ({"context_length": 2.5}, "data.context_length=2.5 is invalid"),
         ({"stride": "abc"}, "data.stride='abc' is invalid"),
+        ({"num_workers": "abc"}, "data.num_workers='abc' is invalid: must be an integer >= 0"),
+        ({"num_workers": -1}, "data.num_workers=-1 is invalid"),
+        ({"seed": 1.5}, "data.seed=1.5 is invalid"),
     ],
 )
 def test_invalid_numbers_are_refused(kwargs, message):
@@ -496,6 +573,18 @@ def test_prepare_command_caches_and_reports_the_count(tmp_path):
     assert tokenize_to_cache(file, cache) == target
 
 
+def test_prepare_command_prints_a_training_command_hydra_reads(tmp_path):
+    from gpt2_lightning.cli import parse
+
+    file = write(tmp_path / "book[2], final.txt", TEXT)
+    result = run_module("gpt2_lightning.data", "prepare", str(file), "--cache-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("train on them")]
+    words = shlex.split(line.split("with: ", 1)[1])
+    assert words[:3] == ["python", "-m", "gpt2_lightning.train"]
+    assert [parse(word).value() for word in words[3:]] == [str(file), str(tmp_path)]
+
+
 def test_prepare_command_names_a_missing_path(tmp_path):
     missing = tmp_path / "nowhere.txt"
     result = run_module(
@@ -519,8 +608,7 @@ def test_prepare_command_refuses_a_cache_dir_that_is_a_file(tmp_path, capsys):
     not_a_dir = write(tmp_path / "cache", "a file")
     assert main(["prepare", str(corpus), "--cache-dir", str(not_a_dir)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ")
-    assert str(not_a_dir) in err
+    assert err == f"error: --cache-dir {str(not_a_dir)!r} is a file: give a folder\n"
     assert not_a_dir.read_text() == "a file"
 
 

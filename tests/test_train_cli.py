@@ -192,6 +192,8 @@ def compose_train(*overrides: str):
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is invalid"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid"),
         ("trainer.val_check_interval=2.5", "trainer.val_check_interval=2.5 is invalid"),
+        ("data.val_fraction=0", "data.val_fraction=0 leaves nothing to validate on"),
+        ("data.val_fraction=0.0", "data.val_fraction=0 leaves nothing to validate on"),
     ],
 )
 def test_bad_setting_is_named_before_anything_is_built(override, message):
