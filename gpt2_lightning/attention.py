@@ -8,7 +8,7 @@ Read the three classes in order; each adds one idea to the one before.
 
 They compute the same numbers as the model's fused MultiHeadAttention (tests/test_attention.py
 proves it), only slower and easier to read. Shapes: B batch, T tokens, d_in input size, d_out
-output size.
+output size; each class also takes one sequence without the batch dimension, (T, d_in).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class CausalAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, return_weights: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        T = x.size(1)
+        T = x.size(-2)  # (B, T, d_in), or (T, d_in) for one sequence
         if T > self.context_length:
             raise ValueError(
                 f"sequence length {T} exceeds context_length={self.context_length}: "
@@ -124,6 +124,8 @@ class MultiHeadAttentionWrapper(nn.Module):
         qkv_bias: bool = False,
     ):
         super().__init__()
+        if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+            raise ValueError(f"num_heads={num_heads!r} is invalid: must be a positive integer")
         if d_out % num_heads != 0:
             raise ValueError(
                 f"d_out={d_out} is not divisible by num_heads={num_heads}: "
@@ -144,4 +146,4 @@ class MultiHeadAttentionWrapper(nn.Module):
         context = self.out_proj(context)  # (B, T, d_out)
         if not return_weights:
             return context
-        return context, torch.stack([w for _, w in per_head], dim=1)  # (B, num_heads, T, T)
+        return context, torch.stack([w for _, w in per_head], dim=-3)  # (B, num_heads, T, T)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import copy
 import math
+import numbers
 import os
 import sys
 import weakref
@@ -49,11 +50,11 @@ def check_sampling(
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's too
 
 
 def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_prompt(
@@ -70,7 +71,9 @@ def _check_prompt(
             f"in [0, {model.cfg.vocab_size}) (the model's vocab_size)"
         )
     if eos_id is not None and (not _is_integer(eos_id) or not 0 <= eos_id < model.cfg.vocab_size):
-        raise ValueError(f"eos_id={eos_id!r} is invalid: must be in [0, {model.cfg.vocab_size})")
+        raise ValueError(
+            f"eos_id={eos_id!r} is invalid: must be an integer in [0, {model.cfg.vocab_size})"
+        )
     if attention_mask is None:
         return
     if attention_mask.shape != idx.shape or attention_mask.is_floating_point():
@@ -137,12 +140,22 @@ def _steps(
     row (B,), one step at a time (a generator's body would only run at the first step)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(model, idx, attention_mask, eos_id)
+    # numpy's integers and floats pass the checks: from here on, Python's
+    max_new_tokens, temperature = int(max_new_tokens), float(temperature)
+    top_k = None if top_k is None else int(top_k)
+    top_p = None if top_p is None else float(top_p)
+    eos_id = None if eos_id is None else int(eos_id)
     if dtype is not None and dtype not in STEP_DTYPES:
         raise ValueError(
             f"dtype={dtype!r} is invalid: use torch.float16 or torch.bfloat16 for half-precision "
             "steps, torch.float32, or None for the model's own dtype"
         )
     weights_dtype = next(model.parameters()).dtype
+    if dtype not in (None, weights_dtype) and not use_cache:
+        raise ValueError(
+            f"dtype={dtype!r} runs the KV cache's one-token steps in half precision, and "
+            "use_cache=False has none: use use_cache=True, or dtype=None"
+        )
     if dtype not in (None, weights_dtype) and dtype.itemsize >= weights_dtype.itemsize:
         # The steps convert the products' weights to a narrower dtype; the activations keep the
         # model's. fp16 weights with bf16 activations (or fp32 with bf16) would not multiply.

@@ -40,7 +40,11 @@ class GPTConfig:
     norm: str = "layernorm"
 
     def __post_init__(self) -> None:
-        # The one place a config is checked: everything below trusts it.
+        self.validate()
+
+    def validate(self) -> None:
+        """The one place a config is checked (at creation, and again by GPT: a field may have
+        been set since); everything below trusts it."""
         for name in ("vocab_size", "context_length", "emb_dim", "num_layers", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -136,6 +140,7 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.numel() >= SPLIT_MIN_WEIGHTS
+            and self.out_features >= parts  # a slice of rows per thread
         ):
             return split_linear(x, self.weight, self.bias, parts)
         return F.linear(x, self.weight, self.bias)
@@ -287,6 +292,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)

@@ -57,6 +57,15 @@ def _count(value: Any) -> bool:
 
 def check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
     """Raise ValueError naming the first optimizer or scheduler setting that is invalid."""
+    for group, settings, keys in (
+        ("optimizer", optimizer, ("lr", "weight_decay", "betas", "eps")),
+        ("scheduler", scheduler, ("name", "warmup_steps")),
+    ):
+        missing = [key for key in keys if key not in settings]
+        if missing:
+            raise ValueError(
+                f"{group} has no {', '.join(missing)}: give {', '.join(keys)} (as in conf/{group}/)"
+            )
     lr, decay, betas, eps = (optimizer[k] for k in ("lr", "weight_decay", "betas", "eps"))
     if not _number(lr) or lr < 0:
         raise ValueError(f"optimizer.lr={lr!r} is invalid: must be a number >= 0")
@@ -83,7 +92,7 @@ def check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> 
                 f"scheduler.min_lr={scheduler['min_lr']!r} is no longer read: give the floor as "
                 "scheduler.min_lr_ratio, a fraction of optimizer.lr (e.g. 0.1)"
             )
-        total, ratio = scheduler["total_steps"], scheduler.get("min_lr_ratio", 0.1)
+        total, ratio = scheduler.get("total_steps"), scheduler.get("min_lr_ratio", 0.1)
         if not _count(total) or total < 1:
             raise ValueError(
                 f"scheduler.total_steps={total!r} is invalid: the cosine schedule needs a "

@@ -130,3 +130,25 @@ def test_causal_attention_refuses_input_longer_than_its_context():
     causal = CausalAttention(EMB_DIM, 8, context_length=4)
     with pytest.raises(ValueError, match=r"sequence length 10 exceeds context_length=4"):
         causal(inputs())
+
+
+@pytest.mark.parametrize("num_heads", [0, -2, 2.0])
+def test_wrapper_refuses_a_head_count_that_is_not_positive(num_heads):
+    with pytest.raises(
+        ValueError, match=rf"num_heads={num_heads!r} is invalid: must be a positive"
+    ):
+        MultiHeadAttentionWrapper(8, 8, CONTEXT_LENGTH, num_heads=num_heads)
+
+
+def test_one_sequence_without_a_batch_dimension_gives_the_batched_result():
+    torch.manual_seed(0)
+    x = inputs(batch_size=1)
+    for attention in (
+        SelfAttention(EMB_DIM, 8),
+        CausalAttention(EMB_DIM, 8, CONTEXT_LENGTH),
+        MultiHeadAttentionWrapper(EMB_DIM, 8, CONTEXT_LENGTH, num_heads=2),
+    ):
+        context, weights = attention(x[0], return_weights=True)  # (T, d_in)
+        batched_context, batched_weights = attention(x, return_weights=True)
+        assert torch.allclose(context, batched_context[0], atol=1e-6)
+        assert torch.allclose(weights, batched_weights[0], atol=1e-6)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -523,3 +524,22 @@ def test_generate_cli_stops_quietly_when_the_reader_goes_away(tmp_path):
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 1
     assert stderr == ""  # was "error: [Errno 32] Broken pipe"
+
+
+def test_numpy_numbers_are_accepted_and_a_tensor_eos_id_is_named():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, context_length=16, emb_dim=16, num_layers=1, num_heads=2))
+    idx = torch.randint(0, 97, (2, 3))
+    plain = generate(model, idx, 4, temperature=0, top_k=5, eos_id=3)
+    numpy_args = dict(temperature=np.float32(0), top_k=np.int64(5), eos_id=np.int64(3))
+    assert torch.equal(generate(model, idx, np.int64(4), **numpy_args), plain)
+    with pytest.raises(ValueError, match=r"eos_id=tensor\(3\) is invalid: must be an integer in"):
+        generate(model, idx, 4, eos_id=torch.tensor(3))
+
+
+def test_half_precision_steps_need_the_cache():
+    model = GPT(GPTConfig(vocab_size=97, context_length=16, emb_dim=16, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match=r"use_cache=False has none: use use_cache=True"):
+        generate(
+            model, torch.zeros(1, 2, dtype=torch.long), 2, dtype=torch.float16, use_cache=False
+        )

@@ -139,6 +139,30 @@ def test_unknown_norm_is_refused():
         GPTConfig(norm="batchnorm")
 
 
+def test_a_config_changed_after_creation_is_checked_again_by_the_model():
+    cfg = GPTConfig.from_name("tiny", num_layers=1)
+    cfg.norm = "LayerNorm"  # a dataclass field can be set: GPT must not build RMSNorm from it
+    with pytest.raises(ValueError, match=r"norm='LayerNorm' is unknown"):
+        GPT(cfg)
+    cfg.norm, cfg.num_heads = "layernorm", 3
+    with pytest.raises(ValueError, match=r"emb_dim=128 is not divisible by num_heads=3"):
+        GPT(cfg)
+
+
+def test_a_matrix_with_fewer_rows_than_threads_takes_the_plain_path():
+    from gpt2_lightning.model import Linear
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        torch.manual_seed(0)
+        linear = Linear(1 << 15, 3)  # 3 output rows: no slice of rows for each of 4 threads
+        x = torch.randn(1, 1 << 15)
+        assert torch.allclose(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_input_longer_than_context_is_refused():
     model = small_model()
     idx = torch.zeros(1, model.cfg.context_length + 1, dtype=torch.long)

@@ -216,6 +216,22 @@ def test_bad_optimizer_or_schedule_setting_is_named(group, key, value, message):
     assert str(error.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    ("group", "key", "message"),
+    [
+        ("optimizer", "weight_decay", "optimizer has no weight_decay: give lr, weight_decay,"),
+        ("scheduler", "warmup_steps", "scheduler has no warmup_steps: give name, warmup_steps"),
+        ("scheduler", "total_steps", "scheduler.total_steps=None is invalid: the cosine"),
+    ],
+)
+def test_a_missing_optimizer_or_schedule_setting_is_named(group, key, message):
+    settings = {"optimizer": dict(ADAMW), "scheduler": dict(COSINE)}
+    del settings[group][key]
+    with pytest.raises(ValueError) as error:  # was a KeyError
+        GPTLightningModule(model=TINY_MODEL, **settings)
+    assert str(error.value).startswith(message)
+
+
 def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
