@@ -39,8 +39,15 @@ def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
         parser.error(f"--device {name!r} is invalid: use cpu or cuda[:index]")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {name!r} is not supported: use cpu or cuda[:index]")
+    if device.type == "cpu" and device.index is not None:
+        parser.error(f"--device {name!r} is invalid: a CPU has no index, use cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {name!r} is unavailable: this machine has no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(
+            f"--device {name!r} is unavailable: this machine has {torch.cuda.device_count()} "
+            "CUDA device(s), cuda:0 to cuda:N-1"
+        )
     return device
 
 

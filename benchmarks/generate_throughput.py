@@ -60,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bandwidth-mib", type=positive_int, help="buffer for the bandwidth probe (def. 1024)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default cpu)")
-    parser.add_argument("--quick", action="store_true", help="small shape, a few seconds")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test of seconds: defaults --shapes small, --tokens 8, --repeats 2, "
+        "--bandwidth-mib 256",
+    )
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:

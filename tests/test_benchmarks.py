@@ -3,6 +3,7 @@ are positive and agree with each other (the figures themselves are never asserte
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -104,3 +105,23 @@ def test_data_throughput_prints_every_phase() -> None:
     assert all(number(rows[name]["MB/s"]) > 0 for name in tokenizers)
     label = "token counts agree (cache = tiktoken + one <|endoftext|> per file boundary)"
     assert line_value(lines, label) == "True"
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cpu:0", "--device 'cpu:0' is invalid: a CPU has no index, use cpu"),
+        ("tpu", "--device 'tpu' is invalid: use cpu or cuda[:index]"),
+    ],
+)
+def test_a_device_the_scripts_cannot_use_is_refused_in_one_line(device, message, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from common import resolve_device
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    parser = argparse.ArgumentParser(prog="bench")
+    with pytest.raises(SystemExit) as exit_info:
+        resolve_device(parser, device)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"bench: error: {message}"
