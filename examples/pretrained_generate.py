@@ -24,11 +24,11 @@ def main() -> None:
     source = sys.argv[1] if len(sys.argv) > 1 else "124M"
     try:
         model = GPT.from_pretrained(source)
-    except (WeightsError, ValueError) as error:
+    except (WeightsError, ValueError) as error:  # the library's one line says what went wrong
         print(
-            f"cannot load GPT-2 weights from {source!r} ({error.__class__.__name__}): run "
-            "`python -m gpt2_lightning.weights download 124M` on a machine with internet, or pass "
-            "a local Hugging Face GPT-2 folder: python examples/pretrained_generate.py <folder>",
+            f"error: {error} (to get the weights: `python -m gpt2_lightning.weights download "
+            "124M` on a machine with internet, then pass the folder it prints as a local Hugging "
+            "Face GPT-2 folder: python examples/pretrained_generate.py <folder>)",
             file=sys.stderr,
         )
         sys.exit(1)

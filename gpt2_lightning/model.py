@@ -333,6 +333,8 @@ class GPT(nn.Module):
         last_only: logits of the last position only, (B, 1, vocab_size). Generation needs no
         more, and the 50257-wide head is the largest matrix product of a prompt's forward pass.
         """
+        if idx.dim() != 2:
+            raise ValueError(f"idx of shape {tuple(idx.shape)} is invalid: must be (batch, tokens)")
         B, T = idx.shape
         past = kv_cache.length if kv_cache is not None else 0
         limit = min(self.cfg.context_length, kv_cache.max_length if kv_cache else math.inf)

@@ -163,6 +163,13 @@ def test_a_matrix_with_fewer_rows_than_threads_takes_the_plain_path():
         torch.set_num_threads(threads)
 
 
+def test_ids_without_a_batch_dimension_are_refused():
+    with pytest.raises(
+        ValueError, match=r"idx of shape \(5,\) is invalid: must be \(batch, tokens\)"
+    ):
+        small_model()(torch.zeros(5, dtype=torch.long))
+
+
 def test_input_longer_than_context_is_refused():
     model = small_model()
     idx = torch.zeros(1, model.cfg.context_length + 1, dtype=torch.long)

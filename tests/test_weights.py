@@ -330,6 +330,14 @@ def test_pretrained_example_offline_says_how_to_get_the_weights(tmp_path: Path) 
     [line] = result.stderr.strip().splitlines()
     assert "python -m gpt2_lightning.weights download 124M" in line
     assert "local Hugging Face GPT-2 folder" in line
+    assert line.startswith("error: cannot download openai-community/gpt2 from the Hugging Face")
+
+
+def test_pretrained_example_names_why_a_folder_cannot_be_read(tmp_path: Path) -> None:
+    result = run_example(str(tmp_path), cwd=tmp_path)  # a folder, but no config.json in it
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path} has no config.json: not a Hugging Face model")
 
 
 def test_pretrained_example_generates_from_a_local_folder(tmp_path: Path) -> None:
