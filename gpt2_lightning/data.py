@@ -150,20 +150,27 @@ def _pieces(file: Path, piece_bytes: int) -> Iterator[str]:
                 if text or first:  # an empty file is an empty document, as it always was
                     yield text
                 return
-            cut = _last_cut(text)
+            # rest had no place to cut but maybe its very end, whose next character came now
+            cut = _last_cut(text, start=max(1, len(rest) - 2))
             if cut:
                 yield text[:cut]
                 first = False
             rest = text[cut:]
 
 
-def _last_cut(text: str) -> int:
-    """The last place in text after a newline with non-space characters on both sides, or 0."""
-    end = len(text) - 1
-    while (newline := text.rfind("\n", 1, end)) > 0:
-        if not text[newline - 1].isspace() and not text[newline + 1].isspace():
-            return newline + 1
-        end = newline
+# A newline with non-space characters on both sides (Python's isspace, which holds every
+# character the tokenizer's \s does, and a few more).
+_CUT = re.compile(r"\S\n(?=\S)")
+
+
+def _last_cut(text: str, start: int = 1) -> int:
+    """The place after the last newline of text with non-space characters on both sides, or 0;
+    newlines before start are not looked at (a file of blank lines would be read again and
+    again). The last 64 KB almost always hold one; only text without one is searched whole."""
+    for window in (1 << 16, len(text)):
+        matches = list(_CUT.finditer(text, max(start, len(text) - window) - 1))
+        if matches:
+            return matches[-1].end()
     return 0
 
 

@@ -199,7 +199,14 @@ def test_folder_documents_follow_sorted_order(corpus_dir, tmp_path):
 def test_a_large_file_is_read_in_pieces_with_the_same_ids(tmp_path):
     # The embedded corpus with non-ASCII text, as one file read 4 KB at a time: a multi-byte
     # character can straddle two reads, and the cuts must not change a single id.
-    text = "\n".join(embedded_documents()) + "Café, naïve, 漢字 — ünïcödé\n" * 50
+    # Then stretches without a place to cut: blank lines, a long line, indented lines.
+    text = (
+        "\n".join(embedded_documents())
+        + "Café, naïve, 漢字 — ünïcödé\n" * 50
+        + "\n" * 10_000
+        + "word " * 3_000
+        + "\n  indented\n\tand tabbed\n \n"
+    )
     file = write(tmp_path / "big.txt", text)
     pieces = [piece for batch, _ in data._documents([file], 64 << 10, 4 << 10) for piece in batch]
     assert len(pieces) > 100 and sum(starts for _, starts in pieces) == 1
