@@ -211,7 +211,9 @@ def test_a_large_file_is_read_in_pieces_with_the_same_ids(tmp_path):
     pieces = [piece for batch, _ in data._documents([file], 64 << 10, 4 << 10) for piece in batch]
     assert len(pieces) > 100 and sum(starts for _, starts in pieces) == 1
     assert "".join(piece for piece, _ in pieces) == text
-    assert max(len(piece.encode()) for piece, _ in pieces) < 8 << 10
+    sizes = sorted(len(piece.encode()) for piece, _ in pieces)
+    assert sizes[-3] < 8 << 10  # all but the pieces that hold the stretches without a cut
+    assert sizes[-1] < 32 << 10
     enc = get_tokenizer()
     ids = [token for piece, _ in pieces for token in enc.encode_ordinary(piece)]
     assert ids == enc.encode_ordinary(text)
