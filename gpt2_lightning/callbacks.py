@@ -4,15 +4,18 @@ and tokens/s in the progress bar."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from gpt2_lightning.data import atomic_file
 from gpt2_lightning.tokenizer import get_tokenizer
 
 
@@ -166,6 +169,17 @@ class LastCheckpoint(ModelCheckpoint):
             finally:
                 self._saving_at_train_end = False
 
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # last.ckpt only. Upstream also writes a file named like the best ones, with the last
+        # validation's loss (or 0.000 before the first) beside weights it was not measured on,
+        # outside the save_top_k count. Nothing for a KeyboardInterrupt: it comes in the middle
+        # of a step (a second Ctrl-C; train.py turns the first one into a stop after the step),
+        # and the data loader would be a batch ahead of the weights.
+        if self._should_save_on_exception(trainer) and not isinstance(exception, KeyboardInterrupt):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -180,6 +194,25 @@ class LastCheckpoint(ModelCheckpoint):
                 counts["completed"] -= 1
                 counts["processed"] -= 1
             checkpoint["epoch"] -= 1
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with the temporary file beside the checkpoint.
+
+    Lightning's writes it in the system's temporary folder and moves it into place: a copy, not a
+    rename, when that folder is on another filesystem (a tmpfs /tmp), so a crash mid-copy would
+    leave half a last.ckpt where a whole one was. A rename within the folder is all or nothing.
+    The file also gets the umask's mode (the temporary one is private).
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):  # s3://, gs://, ...: Lightning's fsspec writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(Path(path)) as out:
+            torch.save(checkpoint, out)
 
 
 class ProgressBar(TQDMProgressBar):

@@ -282,14 +282,14 @@ def _write_index(file: Path, text: str) -> None:
     saves time, and a read-only shared cache must still serve its files)."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic(file, "w") as out:
+        with atomic_file(file, "w") as out:
             out.write(text)
     except OSError:
         pass
 
 
 @contextmanager
-def _atomic(target: Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_file(target: Path, mode: str = "wb") -> Iterator[IO]:
     """A temporary file beside target that becomes target only when the block completes: no reader
     ever sees it half-written, and an error (or Ctrl-C) inside the block leaves nothing behind."""
     with tempfile.NamedTemporaryFile(mode, dir=target.parent, suffix=".tmp", delete=False) as tmp:
@@ -316,7 +316,7 @@ def _tokenize(files: list[Path] | None, target: Path, progress: bool) -> None:
     with (
         bar,  # closed on failure too
         ThreadPoolExecutor(os.cpu_count() or 1) as pool,
-        _atomic(target) as out,
+        atomic_file(target) as out,
     ):
         for batch, size in _documents(files):
             pieces = [piece for piece, _ in batch]

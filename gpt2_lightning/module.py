@@ -18,7 +18,8 @@ from gpt2_lightning.model import GPT, GPTConfig
 class WarmupCosine:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to min_ratio.
 
-    A callable object rather than a lambda, so LambdaLR can save it in a checkpoint.
+    Built from the run's config every time: a resumed run does not take the numbers back from
+    its checkpoint (GPTLightningModule.on_load_checkpoint).
     """
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
@@ -149,6 +150,27 @@ class GPTLightningModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss))
         self.validated_at_step = self.global_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The schedule is this run's config, and only the step count comes from the checkpoint:
+        # LambdaLR would restore its multiplier's attributes (total_steps, warmup_steps), so a
+        # run resumed with a larger trainer.max_steps would stay on the old, finished curve.
+        # Called before Lightning restores the schedulers from the same dict.
+        for state in checkpoint.get("lr_schedulers", []):
+            if "lr_lambdas" in state:
+                state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+
+    def on_train_start(self) -> None:
+        # After a resume, the optimizer holds the lr the checkpoint's schedule gave this step;
+        # set this run's (base lr x multiplier at the step reached), so that a new horizon
+        # applies from the first step. The same number when nothing changed.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            factors = [factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+            for group, base, factor in zip(
+                scheduler.optimizer.param_groups, scheduler.base_lrs, factors, strict=True
+            ):
+                group["lr"] = base * factor
 
     def on_train_end(self) -> None:
         # What train.py reads after fit. ddp_spawn trains in processes of its own, which hand

@@ -14,6 +14,8 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2_lightning.callbacks import ProgressBar, sample_text, shards_weights
+from gpt2_lightning.callbacks import AtomicCheckpointIO, ProgressBar, sample_text, shards_weights
 from gpt2_lightning.cli import CONF, compose_config, composition_error, one_line, parse, unknown_key
 from gpt2_lightning.generate import check_sampling
 from gpt2_lightning.model import GPTConfig
@@ -73,9 +75,16 @@ def log_lightning_to_file() -> None:
         logger.handlers = kept + files
 
 
-def check_checkpoint(path: str, model: DictConfig) -> None:
+def check_checkpoint(path: str, model: DictConfig | None) -> dict[str, Any]:
     """Fail early, with one line, on a ckpt_path that does not exist, cannot be read, or holds
-    another architecture than the config's model (resume needs the same one)."""
+    another architecture than the config's model (resume needs the same one); otherwise the
+    checkpoint's model settings and step: {"model": {...}, "global_step": n}. model=None
+    compares nothing."""
+    if Path(path).is_dir():
+        raise ValueError(
+            f"ckpt_path={path!r} is a folder: give a .ckpt file in it, e.g. "
+            f"{Path(path) / 'last.ckpt'}"
+        )
     if not Path(path).is_file():
         raise ValueError(
             f"ckpt_path={path!r} does not exist: give a .ckpt written by a training run, "
@@ -84,19 +93,20 @@ def check_checkpoint(path: str, model: DictConfig) -> None:
     try:
         # mmap: checks the archive without reading the tensors into memory
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        saved_model = saved["hyper_parameters"]["model"]
+        saved_model, step = saved["hyper_parameters"]["model"], int(saved["global_step"])
     except Exception as error:
         raise ValueError(
             f"ckpt_path={path!r} is not a readable Lightning checkpoint "
             f"({type(error).__name__}): give a .ckpt written by a training run"
         ) from None
-    for key, value in saved_model.items():
+    for key, value in saved_model.items() if model is not None else ():
         if key != "dropout" and model.get(key) != value:
             raise ValueError(
                 f"ckpt_path={path!r} holds a model with {key}={value!r}, not model.{key}="
                 f"{model.get(key)!r}: resume with the run's model settings, or start a new run "
                 "from its weights with init_from=<the .ckpt>"
             )
+    return {"model": saved_model, "global_step": step}
 
 
 def check_config_choices(args: list[str]) -> None:
@@ -315,12 +325,74 @@ class CreateSweepDir(Callback):
         Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
 
 
+class _CtrlC:
+    pressed = False
+
+
+@contextmanager
+def stop_after_the_step_on_ctrl_c() -> Iterator[_CtrlC]:
+    """The first Ctrl-C stops training as SIGTERM does: after the current step, with last.ckpt
+    saved. A KeyboardInterrupt comes in the middle of a step, and the checkpoint Lightning saves
+    for it has a data loader one batch ahead of its weights (the resumed run skips a batch). A
+    second Ctrl-C interrupts at once."""
+    ctrl_c = _CtrlC()
+
+    def handler(signum: int, frame: Any) -> None:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # Lightning is not running a stage (setup, tokenizing, ...)
+        ctrl_c.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one interrupts
+        print("\nCtrl-C: stopping after this step (again to stop at once)", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)  # to Lightning's SIGTERM handler, as a scheduler's
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_stages(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    cfg: DictConfig,
+) -> tuple[float | None, int]:
+    """The validation before training, training, and a validation of the final step if training
+    did not end with one; the first val/loss (None if none) and the number of steps."""
+    first_val = None
+    if cfg.val_before_fit and not cfg.ckpt_path:
+        first_val = trainer.validate(module, datamodule, verbose=False)[0]["val/loss"]
+    trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
+    # Read from callback_metrics (module.on_train_end): under ddp_spawn, fit ran in other
+    # processes and this trainer's own step count is still 0.
+    steps = int(trainer.callback_metrics.get("fit/global_step", trainer.global_step))
+    validated = int(trainer.callback_metrics.get("fit/validated_at_step", -1))
+    if validated != steps and not trainer.interrupted:
+        # max_steps is not a multiple of val_check_interval: validate the final weights too, so
+        # the summary, the TensorBoard curve and a sweep's objective end at the last step. After
+        # fit, not inside it: asking fit to stop early (should_stop) would also end the epoch,
+        # and a resumed run would start the next one. Its point is plotted at steps - 1, where
+        # Lightning plots a validation after a step inside fit (and ddp_spawn, which starts its
+        # processes again with this trainer's counts, would plot it at 0).
+        trainer.fit_loop.epoch_loop._batches_that_stepped = steps - 1
+        trainer.validate(module, datamodule, verbose=False)
+    return first_val, steps
+
+
 def train(cfg: DictConfig) -> float:
     """Train as cfg says; return the final val/loss (the objective of sweeps)."""
     log_lightning_to_file()
     check_settings(cfg)
+    resumed_at = 0
     if cfg.ckpt_path:
-        check_checkpoint(cfg.ckpt_path, cfg.model)
+        if cfg.init_from:
+            # Resuming a fine-tune with its own command: its architecture came from init_from,
+            # and the checkpoint holds it (init_from's weights are not read again).
+            saved = check_checkpoint(cfg.ckpt_path, None)
+            with open_dict(cfg):
+                cfg.model = {**saved["model"], "dropout": cfg.model.dropout}
+        resumed_at = check_checkpoint(cfg.ckpt_path, cfg.model)["global_step"]
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     pretrained = None
@@ -342,7 +414,9 @@ def train(cfg: DictConfig) -> float:
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it must hide
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     try:
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+        )
     except InstantiationException as error:
         # Lightning's own checks of its arguments (devices=0, accelerator=tpu, ...)
         cause = error.__cause__
@@ -352,33 +426,21 @@ def train(cfg: DictConfig) -> float:
     check_not_relaunched_in_multirun(trainer)
 
     start = time.perf_counter()
-    first_val = None
-    if cfg.val_before_fit and not cfg.ckpt_path:
-        first_val = trainer.validate(module, datamodule, verbose=False)[0]["val/loss"]
     last_ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    try:
-        trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
-    except SIGTERMException:
-        # Lightning finished the batch and ModelCheckpoint(save_on_exception) wrote last.ckpt.
-        if trainer.is_global_zero:
-            print(
-                f"stopped by SIGTERM at step {trainer.global_step}: resume with "
-                f"ckpt_path={last_ckpt}",
-                file=sys.stderr,
-            )
-        sys.exit(128 + signal.SIGTERM)  # the exit status of a process ended by SIGTERM
-    # Read from callback_metrics (module.on_train_end): under ddp_spawn, fit ran in other
-    # processes and this trainer's own step count is still 0.
-    steps = int(trainer.callback_metrics.get("fit/global_step", trainer.global_step))
-    validated = int(trainer.callback_metrics.get("fit/validated_at_step", -1))
-    if validated != steps and not trainer.interrupted:
-        # max_steps is not a multiple of val_check_interval: validate the final weights too, so
-        # the summary, the TensorBoard curve and a sweep's objective end at the last step. After
-        # fit, not inside it: asking fit to stop early (should_stop) would also end the epoch,
-        # and a resumed run would start the next one. (ddp_spawn starts its processes again,
-        # with this trainer's counts: the step its loggers write at is set to the last one.)
-        trainer.fit_loop.epoch_loop._batches_that_stepped = steps
-        trainer.validate(module, datamodule, verbose=False)
+    with stop_after_the_step_on_ctrl_c() as ctrl_c:
+        try:
+            first_val, steps = run_stages(trainer, module, datamodule, cfg)
+        except SIGTERMException:
+            # Lightning finished the step (or the validation batch) and, in training,
+            # LastCheckpoint(save_on_exception) wrote last.ckpt.
+            how, code = ("Ctrl-C", 130) if ctrl_c.pressed else ("SIGTERM", 128 + signal.SIGTERM)
+            if trainer.is_global_zero:
+                if trainer.global_step == resumed_at == 0:
+                    hint = "before the first step: nothing to resume, run the command again"
+                else:
+                    hint = f"at step {trainer.global_step}: resume with ckpt_path={last_ckpt}"
+                print(f"stopped by {how} {hint}", file=sys.stderr)
+            sys.exit(code)  # 128 + the signal: what a shell reports for a process it ended
     last_val = float(trainer.callback_metrics.get("val/loss", float("nan")))
 
     if trainer.is_global_zero:
@@ -388,9 +450,10 @@ def train(cfg: DictConfig) -> float:
             text = sample_text(module.model, **cfg.sample, seed=cfg.seed)
         since = f"{first_val:.3f} -> " if first_val is not None else ""
         print(f"\n--- sample (prompt {cfg.sample.prompt!r}) ---\n{text}\n---")
-        print(f"steps:      {steps} in {time.perf_counter() - start:.0f} s")
+        resumed = f" ({steps - resumed_at} in this run)" if cfg.ckpt_path else ""
+        print(f"steps:      {steps}{resumed} in {time.perf_counter() - start:.0f} s")
         print(f"val loss:   {since}{last_val:.3f}")
-        print(f"checkpoint: {last_ckpt}")
+        print(f"checkpoint: {last_ckpt if last_ckpt.is_file() else '(none written)'}")
         if any(isinstance(logger, TensorBoardLogger) for logger in loggers):
             print(f"tensorboard --logdir {cfg.run_dir}")
     return last_val
@@ -437,4 +500,8 @@ if __name__ == "__main__":
         check_overrides(sys.argv[1:])
     except ValueError as error:
         sys.exit(f"error: {error}")
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside a step (see stop_after_the_step_on_ctrl_c)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

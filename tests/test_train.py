@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
+from gpt2_lightning.callbacks import AtomicCheckpointIO
 from gpt2_lightning.data import TextDataModule
 from gpt2_lightning.model import GPT
-from gpt2_lightning.module import GPTLightningModule
+from gpt2_lightning.module import GPTLightningModule, WarmupCosine
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -64,7 +66,9 @@ def test_run_validates_its_final_step_and_runs_without_a_logger(run_train, tmp_p
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
     val = [(int(row["step"]), float(row["val/loss"])) for row in rows if row["val/loss"]]
-    assert [step for step, _ in val] == [0, 2, 4]  # before training, after step 3, at the end
+    # before training, after step 3, and after step 4, at 3: Lightning plots a validation after
+    # step n at n - 1, and the one after fit follows suit
+    assert [step for step, _ in val] == [0, 2, 3]
     summary = re.search(r"val loss: +([0-9.]+) -> ([0-9.]+)", result.stdout)
     assert summary is not None, result.stdout
     assert float(summary[2]) == pytest.approx(val[-1][1], abs=1e-3)  # the summary's is the last
@@ -123,8 +127,46 @@ def test_exact_resume_matches_an_uninterrupted_run(run_train, tmp_path, small_co
     assert {s: straight_losses[s] for s in resumed_losses} == resumed_losses
     straight_val = scalars(tmp_path / "straight")["val/loss"]
     resumed_val = scalars(tmp_path / "resumed")["val/loss"]
-    assert sorted(resumed_val) == [8, 11, 14, 16]  # after batches 9, 12 and 15, and at the end
+    # after batches 9, 12, 15 and 16 (Lightning plots a validation after step n at n - 1)
+    assert sorted(resumed_val) == [8, 11, 14, 15]
     assert {s: straight_val[s] for s in resumed_val} == resumed_val
+
+
+def test_a_run_resumed_with_more_steps_decays_over_the_new_horizon(run_train, tmp_path):
+    common = ["scheduler.warmup_steps=1", "trainer.val_check_interval=4"]
+    first = run_train(*common, "trainer.max_steps=4", run_dir=tmp_path / "first")
+    assert first.returncode == 0, first.stderr
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed = run_train(*common, "trainer.max_steps=8", f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "steps:      8 (4 in this run)" in resumed.stdout
+    lr = scalars(tmp_path / "run")["lr-AdamW/decay"]
+    # total_steps follows trainer.max_steps: the resumed steps are on the 8-step curve (the
+    # checkpoint's 4-step one had already reached its floor, 0.1 x lr, at step 4)
+    expected = {step: 3e-3 * WarmupCosine(1, 8, 0.1)(step) for step in range(4, 8)}
+    assert lr == pytest.approx(expected)
+    assert lr[4] > 2 * 3e-4
+
+
+def test_checkpoints_are_written_beside_their_place_then_renamed(tmp_path, monkeypatch):
+    renames = []
+    rename = os.replace
+
+    def recording(source, target):
+        renames.append((Path(source).parent, Path(target)))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", recording)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": torch.arange(3)}, target)
+    # Lightning's own writer made its temporary file in the system's temp folder (a copy into
+    # place when that is another filesystem); a rename in the same folder is all or nothing
+    assert renames == [(target.parent, target)]
+    assert torch.load(target, weights_only=True)["step"].tolist() == [0, 1, 2]
+    assert os.listdir(target.parent) == ["last.ckpt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_sigterm_writes_last_checkpoint_at_the_step_reached(run_train, tmp_path):
@@ -133,10 +175,58 @@ def test_sigterm_writes_last_checkpoint_at_the_step_reached(run_train, tmp_path)
         "+callbacks.sigterm._target_=tests.signals.SigtermAt",
         "+callbacks.sigterm.step=4",
     )
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
     assert ckpt["global_step"] == 4
+    umask = os.umask(0)
+    os.umask(umask)
+    assert last.stat().st_mode & 0o777 == 0o666 & ~umask  # written by AtomicCheckpointIO
     assert result.returncode == 143  # 128 + SIGTERM, as a shell reports a terminated process
     assert "stopped by SIGTERM at step 4" in result.stderr
+    assert "Traceback" not in result.stderr
+    # last.ckpt only: no file named like the best ones (step000004-val<the step-3 loss>.ckpt)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert len(names) == 2 and names[0] == "last.ckpt" and names[1].startswith("step000003-val")
+
+
+def test_ctrl_c_stops_after_the_step_with_an_exact_checkpoint(run_train, tmp_path):
+    result = run_train(
+        "trainer.max_steps=50",
+        "+callbacks.sigint._target_=tests.signals.SigintAt",
+        "+callbacks.sigint.step=4",
+    )
+    assert result.returncode == 130, result.stderr  # 128 + SIGINT
+    assert "Ctrl-C: stopping after this step" in result.stderr
+    assert f"stopped by Ctrl-C at step 4: resume with ckpt_path={tmp_path}" in result.stderr
+    assert "Traceback" not in result.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    # A KeyboardInterrupt would have come mid-step: a batch fetched (ready) but not completed,
+    # and a data loader a batch ahead of the weights.
+    progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert progress["ready"] == progress["completed"] == 4
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(run_train, tmp_path):
+    result = run_train(
+        "trainer.max_steps=50",
+        "+callbacks.sigint._target_=tests.signals.SigintAt",
+        "+callbacks.sigint.step=4",
+        "+callbacks.sigint.times=2",
+    )
+    assert result.returncode != 0
+    # the step-3 validation's checkpoints stay; nothing of the interrupted step 5 is written
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+
+
+def test_sigterm_before_the_first_step_says_there_is_nothing_to_resume(run_train, tmp_path):
+    result = run_train(
+        "+callbacks.sigterm._target_=tests.signals.SigtermInFirstValidation",
+        "trainer.limit_val_batches=3",
+    )
+    assert result.returncode == 143, result.stderr  # was 0 when it came during a validation
+    assert "stopped by SIGTERM before the first step: nothing to resume" in result.stderr
     assert "Traceback" not in result.stderr
 
 
