@@ -93,7 +93,7 @@ def check_checkpoint(path: str, model: DictConfig | None) -> dict[str, Any]:
     try:
         # mmap: checks the archive without reading the tensors into memory
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        saved_model, step = saved["hyper_parameters"]["model"], int(saved["global_step"])
+        saved_model, step = saved["hyper_parameters"]["model"], int(saved.get("global_step", 0))
     except Exception as error:
         raise ValueError(
             f"ckpt_path={path!r} is not a readable Lightning checkpoint "

@@ -339,3 +339,16 @@ def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
     expected = GPT.from_pretrained(tmp_path / "hf").state_dict()
     for name, tensor in expected.items():
         assert torch.equal(ckpt["state_dict"][f"model.{name}"], tensor), name
+
+    # The fine-tune resumes with its own command: the architecture comes from the checkpoint
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    again = run_train(
+        f"init_from={tmp_path / 'hf'}",
+        "optimizer.lr=0",
+        "trainer.max_steps=8",
+        f"ckpt_path={last}",
+        run_dir=tmp_path / "again",
+    )
+    assert again.returncode == 0, again.stderr
+    resumed = torch.load(tmp_path / "again" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 8 and resumed["hyper_parameters"]["model"] == model_cfg

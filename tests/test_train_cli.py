@@ -237,8 +237,12 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         error.value
     )
     saved["hyper_parameters"]["model"]["num_layers"] = model.num_layers  # dropout may differ
+    saved["global_step"] = 7
     torch.save(saved, tmp_path / "same.ckpt")
-    check_checkpoint(str(tmp_path / "same.ckpt"), model)
+    found = check_checkpoint(str(tmp_path / "same.ckpt"), model)
+    assert found == {"model": saved["hyper_parameters"]["model"], "global_step": 7}
+    with pytest.raises(ValueError, match=r"is a folder: give a .ckpt file in it, e.g. .*last.ckpt"):
+        check_checkpoint(str(tmp_path), model)
 
 
 def test_bad_trainer_argument_gets_lightnings_reason_in_one_line(run_train, tmp_path):
