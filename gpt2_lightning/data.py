@@ -23,11 +23,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
@@ -336,6 +337,10 @@ def load_tokens(file: Path) -> np.ndarray:
     return np.memmap(file, dtype=np.uint16, mode="r")
 
 
+# What decides the windows and batches, and so what a saved data loader position means.
+WINDOW_SETTINGS = ("path", "context_length", "stride", "batch_size", "val_fraction")
+
+
 class TextDataModule(L.LightningDataModule):
     """The embedded corpus or the user's text files, tokenized, cached and cut into windows.
 
@@ -434,6 +439,23 @@ class TextDataModule(L.LightningDataModule):
             pin_memory=on_cuda,
             persistent_workers=self.num_workers > 0,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in checkpoints, to tell a resumed run that its windows differ (load_state_dict).
+        return {key: getattr(self, key) for key in WINDOW_SETTINGS}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        changed = [
+            f"data.{key}={getattr(self, key)!r} (the checkpoint's run had {state_dict[key]!r})"
+            for key in WINDOW_SETTINGS
+            if key in state_dict and state_dict[key] != getattr(self, key)
+        ]
+        if changed:
+            rank_zero_warn(
+                f"resuming with {', '.join(changed)}: the data loader's position is counted in "
+                "batches of windows, so the resumed run does not continue where the first stopped "
+                "(the resume is not exact)"
+            )
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, train=True)

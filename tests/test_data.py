@@ -628,3 +628,24 @@ def test_prepare_command_refuses_an_empty_corpus(tmp_path, capsys):
     assert main(["prepare", str(empty), "--cache-dir", str(tmp_path / "cache")]) == 1
     err = capsys.readouterr().err
     assert f"error: {str(empty)!r} holds no text: the corpus is empty" in err
+
+
+def test_resuming_with_other_windows_warns_that_the_resume_is_not_exact(text_file):
+    import warnings
+
+    saved = TextDataModule(path=str(text_file), context_length=8, batch_size=4).state_dict()
+    assert saved == {
+        "path": str(text_file),
+        "context_length": 8,
+        "stride": 8,
+        "batch_size": 4,
+        "val_fraction": 0.1,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: silent
+        TextDataModule(path=str(text_file), context_length=8, batch_size=4).load_state_dict(saved)
+    resumed = TextDataModule(path=str(text_file), context_length=8, batch_size=16)
+    with pytest.warns(
+        UserWarning, match=r"resuming with data.batch_size=16 \(the checkpoint's run"
+    ):
+        resumed.load_state_dict(saved)
