@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import measure_flops
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from gpt2_lightning.model import GPT, GPTConfig
@@ -101,6 +101,11 @@ def check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> 
             )
         if not _number(ratio) or not 0 <= ratio <= 1:
             raise ValueError(f"scheduler.min_lr_ratio={ratio!r} is invalid: must be in [0, 1]")
+        if warmup >= total:
+            rank_zero_warn(
+                f"scheduler.warmup_steps={warmup} is not below scheduler.total_steps={total}: the "
+                "learning rate warms up to optimizer.lr at the end of the run and never decays"
+            )
 
 
 class GPTLightningModule(L.LightningModule):

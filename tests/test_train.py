@@ -322,6 +322,12 @@ def test_a_missing_optimizer_or_schedule_setting_is_named(group, key, message):
     assert str(error.value).startswith(message)
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about():
+    scheduler = {**COSINE, "warmup_steps": 10, "total_steps": 10}
+    with pytest.warns(UserWarning, match=r"scheduler.warmup_steps=10 is not below scheduler.tot"):
+        GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=scheduler)
+
+
 def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
