@@ -174,10 +174,12 @@ class LastCheckpoint(ModelCheckpoint):
     ) -> None:
         # last.ckpt only. Upstream also writes a file named like the best ones, with the last
         # validation's loss (or 0.000 before the first) beside weights it was not measured on,
-        # outside the save_top_k count. Nothing for a KeyboardInterrupt: it comes in the middle
-        # of a step (a second Ctrl-C; train.py turns the first one into a stop after the step),
-        # and the data loader would be a batch ahead of the weights.
-        if self._should_save_on_exception(trainer) and not isinstance(exception, KeyboardInterrupt):
+        # outside the save_top_k count. In one process, nothing for a KeyboardInterrupt: it is a
+        # second Ctrl-C (train.py turns the first into a stop after the step), in the middle of
+        # a step, where the data loader is a batch ahead of the weights. Several processes get
+        # Ctrl-C as Lightning handles it: their last.ckpt may then skip a batch on resume.
+        second_ctrl_c = isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1
+        if self._should_save_on_exception(trainer) and not second_ctrl_c:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_save_checkpoint(

@@ -330,12 +330,21 @@ class _CtrlC:
 
 
 @contextmanager
-def stop_after_the_step_on_ctrl_c() -> Iterator[_CtrlC]:
+def stop_after_the_step_on_ctrl_c(enabled: bool = True) -> Iterator[_CtrlC]:
     """The first Ctrl-C stops training as SIGTERM does: after the current step, with last.ckpt
     saved. A KeyboardInterrupt comes in the middle of a step, and the checkpoint Lightning saves
     for it has a data loader one batch ahead of its weights (the resumed run skips a batch). A
-    second Ctrl-C interrupts at once."""
+    second Ctrl-C interrupts at once.
+
+    For one process only (enabled=False leaves Ctrl-C to Lightning): every rank of a DDP run
+    gets the Ctrl-C, and Lightning's SIGTERM handler, which rank 0 also forwards to the others,
+    broadcasts from inside the handler: two SIGTERMs on a rank left the ranks waiting on each
+    other (tried here).
+    """
     ctrl_c = _CtrlC()
+    if not enabled:
+        yield ctrl_c
+        return
 
     def handler(signum: int, frame: Any) -> None:
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
@@ -427,7 +436,7 @@ def train(cfg: DictConfig) -> float:
 
     start = time.perf_counter()
     last_ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    with stop_after_the_step_on_ctrl_c() as ctrl_c:
+    with stop_after_the_step_on_ctrl_c(enabled=trainer.world_size == 1) as ctrl_c:
         try:
             first_val, steps = run_stages(trainer, module, datamodule, cfg)
         except SIGTERMException:
