@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -326,6 +327,10 @@ def test_a_warmup_as_long_as_the_run_is_warned_about():
     scheduler = {**COSINE, "warmup_steps": 10, "total_steps": 10}
     with pytest.warns(UserWarning, match=r"scheduler.warmup_steps=10 is not below scheduler.tot"):
         GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=scheduler)
+    with warnings.catch_warnings(record=True) as caught:  # a warmup shorter than the run: none
+        warnings.simplefilter("always")
+        GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=COSINE)
+    assert [str(w.message) for w in caught if "warmup" in str(w.message)] == []
 
 
 def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
