@@ -8,7 +8,9 @@ This module imports only torch, so it can be copied out and used on its own.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -115,14 +117,16 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
 
 
 class Linear(nn.Linear):
-    """nn.Linear, with a faster path for the few rows of a decoding step on a CPU.
+    """nn.Linear, with a faster path for the few rows of a decoding step on some CPUs.
 
     A decode step multiplies one row per sequence by every weight matrix, so its speed is how fast
     the weights stream from memory. For a few fp32 rows torch calls MKL's matrix-vector routine,
-    which runs on one core and reads memory at one core's rate. Cutting the weight's rows into one
-    slice per thread and multiplying the slices as a batch (bmm runs batch entries in parallel)
-    puts every core to work: ~1.5x faster decoding at 124M on 2 cores (~80% of the bandwidth a
-    plain sum reaches).
+    which on AMD CPUs runs on one core and reads memory at one core's rate. There, cutting the
+    weight's rows into one slice per thread and multiplying the slices as a batch (bmm runs batch
+    entries in parallel) puts every core to work: ~1.5x faster decoding at 124M on 2 cores of an
+    EPYC (~80% of the bandwidth a plain sum reaches). On Intel CPUs MKL already uses every core
+    (a 2-core Xeon: the plain product streams as fast as a sum, the split one ~25% slower), so
+    the plain path stays (see splits_few_rows).
     The same products up to float rounding; training (many rows) takes the plain path.
 
     Weights stored narrower than x (half-size weights for fp32 activations: generate's dtype=) are
@@ -136,6 +140,7 @@ class Linear(nn.Linear):
         parts = torch.get_num_threads()
         if (
             parts > 1
+            and splits_few_rows()
             and x.numel() <= SPLIT_MAX_ROWS * x.size(-1)
             and x.device.type == "cpu"
             and x.dtype == torch.float32
@@ -146,8 +151,24 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-# Up to 64 rows, splitting measured 1.2-1.9x faster here (a decode step of 8 sequences, a short
-# prompt); the gain fades with more rows (1.1x at 256), and training's products take the plain path.
+@functools.cache
+def splits_few_rows() -> bool:
+    """Whether Linear splits products of a few fp32 rows: where torch's BLAS is MKL and the CPU
+    an AMD one (MKL's one-row products measured on one core there, on every core on Intel)."""
+    return torch.backends.mkl.is_available() and cpu_vendor() == "AuthenticAMD"
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor as Linux names it ('GenuineIntel', 'AuthenticAMD'), or '' elsewhere."""
+    try:
+        found = re.search(r"^vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        return ""
+    return found.group(1) if found else ""
+
+
+# On the EPYC, up to 64 rows, splitting measured 1.2-1.9x faster (a decode step of 8 sequences, a
+# short prompt); the gain fades with more rows (1.1x at 256), and training takes the plain path.
 SPLIT_MAX_ROWS = 64
 SPLIT_MIN_WEIGHTS = 2**16  # a smaller matrix sits in cache, and splitting costs more than it saves
 # A matrix this many times wider than deep (the 50257-wide head) is multiplied the other way round,

@@ -285,11 +285,12 @@ def test_greedy_temperature_is_exactly_argmax() -> None:
     assert out[:, 2:].tolist() == [[0] * 4] * 3
 
 
-def test_bfloat16_decode_gives_valid_ids_and_float32_stays_the_default():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decode_gives_valid_ids_and_float32_stays_the_default(dtype):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny", num_layers=2)).eval()
     idx = torch.randint(0, 50257, (2, 5))
-    low = generate(model, idx, 12, temperature=0, dtype=torch.bfloat16)
+    low = generate(model, idx, 12, temperature=0, dtype=dtype)
     assert low.shape == (2, 17) and low.dtype == torch.long
     assert torch.equal(low[:, :5], idx)
     assert ((low >= 0) & (low < 50257)).all()
@@ -341,11 +342,80 @@ def test_low_precision_copy_is_kept_and_follows_the_models_weights():
     again = _copy_in(model, torch.bfloat16)
     assert again is low  # the same memory, refilled
     assert torch.equal(again.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.bfloat16())
-    assert _copy_in(model, torch.float16).tok_emb.weight.dtype == torch.float16  # a new dtype
+    half = _copy_in(model, torch.float16)  # another dtype gets a copy of its own ...
+    assert _copy_in(model, torch.bfloat16) is low and _copy_in(model, torch.float16) is half
     model.blocks[0].ff.fc.weight = torch.nn.Parameter(torch.zeros(512, 128))  # a new parameter
-    assert torch.equal(_copy_in(model, torch.float16).blocks[0].ff.fc.weight, torch.zeros(512, 128))
+    fresh = _copy_in(model, torch.bfloat16)
+    assert fresh is not low
+    assert torch.equal(fresh.blocks[0].ff.fc.weight, torch.zeros(512, 128, dtype=torch.bfloat16))
     model.final_norm.weight = torch.nn.Parameter(torch.full((128,), 2.0))  # shared, not converted
-    assert _copy_in(model, torch.float16).final_norm.weight is model.final_norm.weight
+    assert _copy_in(model, torch.bfloat16).final_norm.weight is model.final_norm.weight
+
+
+def test_fp16_copy_converts_the_weights_where_fbgemm_is_missing(monkeypatch):
+    generate_module = sys.modules["gpt2_lightning.generate"]
+    monkeypatch.setattr(generate_module, "_fbgemm_fp16", lambda params: False)
+    model = GPT(GPTConfig.from_name("tiny", num_layers=1))
+    low = generate_module._copy_in(model, torch.float16)
+    assert low.lm_head.weight is low.tok_emb.weight
+    assert low.tok_emb.weight.dtype == low.blocks[0].ff.fc.bias.dtype == torch.float16
+    assert torch.equal(low.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.half())
+
+
+needs_fbgemm = pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines,
+    reason="fbgemm's fp16 products exist on x86 builds of torch only",
+)
+
+
+@needs_fbgemm
+def test_fp16_copy_multiplies_the_rounded_weights_in_fp32_with_fbgemm():
+    from gpt2_lightning.generate import _copy_in, _FP16Linear
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny", num_layers=1))
+    low = _copy_in(model, torch.float16)
+    assert isinstance(low.lm_head, _FP16Linear) and isinstance(low.blocks[0].attn.qkv, _FP16Linear)
+    # Embeddings and norms are the model's own fp32 parameters, shared, not copied.
+    assert low.tok_emb.weight is model.tok_emb.weight
+    assert low.final_norm.weight is model.final_norm.weight
+    x = torch.randn(3, 1, 128)
+    pairs = [(low.lm_head, model.lm_head), (low.blocks[0].ff.fc, model.blocks[0].ff.fc)]
+    for ours, theirs in pairs:
+        rounded = theirs.weight.half().float()
+        expected = torch.nn.functional.linear(x, rounded, theirs.bias)
+        y = ours(x)
+        assert y.dtype == torch.float32 and y.shape == expected.shape
+        assert (y - expected).abs().max() < 1e-5  # fp32 products of the fp16-rounded weights
+        assert (y - theirs(x)).abs().max() > 1e-5  # ... which are not the fp32 weights
+
+
+@needs_fbgemm
+def test_fp16_copy_packs_again_only_what_changed_even_unseen_by_version_counters():
+    from gpt2_lightning.generate import _copy_in
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny", num_layers=2))
+    low = _copy_in(model, torch.float16)
+    packed = {name: m.packed for name, m in low.named_modules() if hasattr(m, "packed")}
+    fc = model.blocks[1].ff.fc
+    fc.weight.data.mul_(-1.0)  # through .data: the parameter's version counter does not move
+    fc.bias.data.add_(1.0)
+    assert _copy_in(model, torch.float16) is low
+    repacked = {name for name, m in low.named_modules() if hasattr(m, "packed")}
+    repacked = {name for name in repacked if low.get_submodule(name).packed is not packed[name]}
+    assert repacked == {"blocks.1.ff.fc"}
+    x = torch.randn(2, 1, 128)
+    expected = torch.nn.functional.linear(x, fc.weight.half().float(), fc.bias)
+    assert (low.blocks[1].ff.fc(x) - expected).abs().max() < 1e-5
+    # Decoding follows the new weights: the same ids as a fresh copy of the changed model.
+    idx = torch.randint(0, 50257, (1, 4))
+    fresh = GPT(model.cfg)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(
+        generate(model, idx, 6, temperature=0, dtype=torch.float16),
+        generate(fresh, idx, 6, temperature=0, dtype=torch.float16),
+    )
 
 
 def test_half_precision_steps_do_not_use_dropout():
@@ -360,13 +430,14 @@ def test_half_precision_steps_do_not_use_dropout():
     assert model.training  # and the caller's model is back in its mode
 
 
-def test_low_precision_copy_goes_with_its_model():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_copy_goes_with_its_model(dtype):
     import gc
 
     from gpt2_lightning.generate import _COPIES, _copy_in
 
     model = GPT(GPTConfig.from_name("tiny", num_layers=1))
-    _copy_in(model, torch.bfloat16)
+    _copy_in(model, dtype)
     assert model in _COPIES
     before = len(_COPIES)
     del model

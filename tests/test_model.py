@@ -287,6 +287,7 @@ def test_linear_splits_only_few_fp32_rows_of_a_large_weight(monkeypatch):
         model_module, "split_linear", lambda *args: calls.append(args) or F.linear(*args[:3])
     )
     monkeypatch.setattr(model_module, "SPLIT_MIN_WEIGHTS", 64)
+    monkeypatch.setattr(model_module, "splits_few_rows", lambda: True)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     layer, small = Linear(8, 16), Linear(4, 4)
     limit = model_module.SPLIT_MAX_ROWS
@@ -297,6 +298,37 @@ def test_linear_splits_only_few_fp32_rows_of_a_large_weight(monkeypatch):
     layer.double()(torch.randn(1, 8, dtype=torch.float64))  # not fp32
     small(torch.randn(1, 4))  # a weight that sits in cache
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "vendor", "splits"),
+    [
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n", "AuthenticAMD", True),
+        ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", "GenuineIntel", False),
+        ("processor\t: 0\nBogoMIPS\t: 50.00\n", "", False),  # an Arm board names no vendor_id
+        (None, "", False),  # no /proc/cpuinfo: not Linux
+    ],
+)
+def test_few_rows_are_split_on_amd_cpus_only(monkeypatch, tmp_path, cpuinfo, vendor, splits):
+    real_path = model_module.Path
+    fake = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        fake.write_text(cpuinfo)
+
+    def path(name):
+        return fake if name == "/proc/cpuinfo" else real_path(name)
+
+    monkeypatch.setattr(model_module, "Path", path)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    model_module.splits_few_rows.cache_clear()
+    try:
+        assert model_module.cpu_vendor() == vendor
+        assert model_module.splits_few_rows() is splits
+        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # e.g. OpenBLAS
+        model_module.splits_few_rows.cache_clear()
+        assert model_module.splits_few_rows() is False
+    finally:
+        model_module.splits_few_rows.cache_clear()  # the next caller reads the real machine
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
