@@ -177,10 +177,10 @@ def _steps(
             if dtype is not None and dtype != weights_dtype:
                 # A one-token step multiplies one row by every weight matrix: it is bound by the
                 # bytes of weights read, so half-size weights read half the bytes (fp16 through
-                # fbgemm: ~1.9x at 124M batch 1 on this CPU; bf16 ~1.4x: see README). Only the
+                # fbgemm: 1.46x our fp32 at 124M batch 1 on a 2-core Xeon; see README). Only the
                 # products' weights change: norms, attention and the KV cache stay in full
-                # precision. The prompt does too: there a bf16 matrix-matrix product is far
-                # slower than fp32.
+                # precision. The prompt does too: without native bf16 a bf16 matrix-matrix
+                # product is far slower than fp32.
                 stepper = _copy_in(model, dtype)
         sequence, mask = idx, attention_mask
         unseen = idx  # tokens not yet run through the model into the cache: the prompt, then one
@@ -243,10 +243,10 @@ def _copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     read their weights in dtype. The other parameters (norms, embeddings) are shared with model,
     not copied, and keep the activations in its dtype.
 
-    fp16 on a CPU with fbgemm: each Linear becomes an _FP16Linear (fbgemm's fp16 kernel, ~1.9x
-    our fp32 decoding at 124M). Otherwise the Linear layers' parameters are converted (and so the
-    embedding tied to lm_head; deepcopy takes them from its memo, so tied weights stay tied) and
-    model.Linear multiplies them in their dtype.
+    fp16 on a CPU with fbgemm: each Linear becomes an _FP16Linear (fbgemm's fp16 kernel).
+    Otherwise the Linear layers' parameters are converted (and so the embedding tied to lm_head;
+    deepcopy takes them from its memo, so tied weights stay tied) and model.Linear multiplies them
+    in their dtype.
 
     The copy lives as long as the model and is brought up to its current weights at every call:
     converting into memory already mapped costs a fraction of fresh pages (~25 ms instead of
@@ -315,8 +315,9 @@ def _fbgemm_fp16(params: list[nn.Parameter]) -> bool:
 class _FP16Linear(nn.Module):
     """Stands in for a Linear in a decoding copy: x @ W.T + b with W rounded to fp16 and packed
     by fbgemm, whose kernel reads the half-size weights and multiplies in fp32 (x and the result
-    stay fp32). torch's own fp16 products (oneDNN) convert the weights on this CPU at a rate that
-    makes them compute bound (~1.4x fp32 decoding); fbgemm's reach ~1.9x at 124M."""
+    stay fp32). torch's own fp16 products (oneDNN) convert the weights too slowly to stream them:
+    on a 2-core Xeon the 124M products took 22.6 ms a step that way, 10.4-10.9 with fbgemm, 17.4
+    in fp32."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
