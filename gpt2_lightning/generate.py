@@ -304,9 +304,11 @@ def _still_fits(kept: _Kept, params: list[nn.Parameter]) -> bool:
 
 
 def _fbgemm_fp16(params: list[nn.Parameter]) -> bool:
-    """Whether fbgemm's fp16 products can run these fp32 CPU weights (x86 builds of torch)."""
+    """Whether fbgemm's fp16 products can run these fp32 CPU weights (x86 builds of torch, on a
+    CPU with AVX2: fbgemm refuses older ones)."""
     return (
         "fbgemm" in torch.backends.quantized.supported_engines
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
         and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
         and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
     )
