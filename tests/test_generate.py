@@ -352,9 +352,13 @@ def test_low_precision_copy_is_kept_and_follows_the_models_weights():
     assert _copy_in(model, torch.bfloat16).final_norm.weight is model.final_norm.weight
 
 
-def test_fp16_copy_converts_the_weights_where_fbgemm_is_missing(monkeypatch):
+@pytest.mark.parametrize("missing", ["fbgemm", "avx2"])
+def test_fp16_copy_converts_the_weights_where_fbgemm_is_missing(monkeypatch, missing):
     generate_module = sys.modules["gpt2_lightning.generate"]
-    monkeypatch.setattr(generate_module, "_fbgemm_fp16", lambda params: False)
+    if missing == "fbgemm":  # e.g. an Arm build of torch
+        monkeypatch.setattr(generate_module, "_fbgemm_fp16", lambda params: False)
+    else:  # an x86 CPU older than AVX2, which fbgemm refuses
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     model = GPT(GPTConfig.from_name("tiny", num_layers=1))
     low = generate_module._copy_in(model, torch.float16)
     assert low.lm_head.weight is low.tok_emb.weight
