@@ -333,7 +333,7 @@ def test_low_precision_copy_converts_the_products_weights_once_and_keeps_the_tie
 
 
 def test_low_precision_copy_is_kept_and_follows_the_models_weights():
-    from gpt2_lightning.generate import _copy_in
+    from gpt2_lightning.generate import _COPIES, _copy_in
 
     model = GPT(GPTConfig.from_name("tiny", num_layers=1))
     low = _copy_in(model, torch.bfloat16)
@@ -342,11 +342,12 @@ def test_low_precision_copy_is_kept_and_follows_the_models_weights():
     again = _copy_in(model, torch.bfloat16)
     assert again is low  # the same memory, refilled
     assert torch.equal(again.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.bfloat16())
-    half = _copy_in(model, torch.float16)  # another dtype gets a copy of its own ...
+    half = _copy_in(model, torch.float16)  # another dtype gets a copy of its own
     assert _copy_in(model, torch.bfloat16) is low and _copy_in(model, torch.float16) is half
     model.blocks[0].ff.fc.weight = torch.nn.Parameter(torch.zeros(512, 128))  # a new parameter
     fresh = _copy_in(model, torch.bfloat16)
     assert fresh is not low
+    assert torch.float16 not in _COPIES[model]  # the fp16 copy of the old parameter went with it
     assert torch.equal(fresh.blocks[0].ff.fc.weight, torch.zeros(512, 128, dtype=torch.bfloat16))
     model.final_norm.weight = torch.nn.Parameter(torch.full((128,), 2.0))  # shared, not converted
     assert _copy_in(model, torch.bfloat16).final_norm.weight is model.final_norm.weight
