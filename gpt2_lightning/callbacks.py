@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from gpt2_lightning.data import atomic_file
+from gpt2_lightning.files import atomic_file
 from gpt2_lightning.tokenizer import get_tokenizer
 
 

@@ -18,12 +18,10 @@ import re
 import shlex
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -33,6 +31,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
+from gpt2_lightning.files import atomic_file, cache_home
 from gpt2_lightning.tokenizer import get_tokenizer
 
 EMBEDDED = "embedded"  # display name of the default corpus
@@ -232,8 +231,7 @@ def cache_key(files: list[Path] | None) -> str:
 
 
 def default_cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
-    return Path(xdg) / "gpt2_lightning" / "tokens"
+    return cache_home("tokens")
 
 
 def tokenize_to_cache(
@@ -287,23 +285,6 @@ def _write_index(file: Path, text: str) -> None:
             out.write(text)
     except OSError:
         pass
-
-
-@contextmanager
-def atomic_file(target: Path, mode: str = "wb") -> Iterator[IO]:
-    """A temporary file beside target that becomes target only when the block completes: no reader
-    ever sees it half-written, and an error (or Ctrl-C) inside the block leaves nothing behind."""
-    with tempfile.NamedTemporaryFile(mode, dir=target.parent, suffix=".tmp", delete=False) as tmp:
-        try:
-            yield tmp
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp.name, 0o666 & ~umask)  # a temp file is private (0600); a cache is not
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, target)
 
 
 def _tokenize(files: list[Path] | None, target: Path, progress: bool) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import tiktoken
 
+from gpt2_lightning.files import cache_home
+
 _URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 _FILES = ("encoder.json", "vocab.bpe")
 
@@ -26,8 +28,7 @@ _FILES = ("encoder.json", "vocab.bpe")
 def _cache_dir() -> Path:
     if "TIKTOKEN_CACHE_DIR" in os.environ:
         return Path(os.environ["TIKTOKEN_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
-    return Path(xdg) / "gpt2_lightning" / "tiktoken"
+    return cache_home("tiktoken")
 
 
 def _seed_cache(cache_dir: Path) -> None:
