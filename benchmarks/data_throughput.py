@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_corpus(folder: Path, num_bytes: int, num_files: int, seed: int) -> list[Path]:
     """About num_bytes of English prose in num_files .txt files; the same bytes for a seed."""
-    from gpt2_lightning.data import embedded_documents
+    from gpt2_lightning.tokens import embedded_documents
 
     documents = embedded_documents()
     rng = random.Random(seed)
@@ -87,8 +87,9 @@ def peak_rss_mib() -> float:
 
 def run_phase(args: argparse.Namespace) -> dict[str, float]:
     """One phase, in this (fresh) process: its seconds, token count and memory."""
-    from gpt2_lightning.data import TextDataModule, load_tokens, tokenize_to_cache
+    from gpt2_lightning.data import TextDataModule
     from gpt2_lightning.tokenizer import get_tokenizer
+    from gpt2_lightning.tokens import load_tokens, tokenize_to_cache
 
     after_imports = peak_rss_mib()
     result: dict[str, float] = {}

@@ -1,0 +1,280 @@
+"""Sources -> token ids in a cache file, which data.py reads through a memory map.
+
+A source is a text file that data.path names (or the embedded corpus, when it names none), read as
+documents in pieces. Their ids, joined with <|endoftext|> as GPT-2 was trained, go to a uint16 file
+named by a hash of the tokenizer and the sources' bytes, reused by every later run.
+`python -m gpt2_lightning.data prepare <path>` (or `.tokens`) fills it ahead of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import glob
+import hashlib
+import os
+import re
+import shlex
+import signal
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt2_lightning.files import atomic_file, cache_home
+from gpt2_lightning.tokenizer import get_tokenizer
+
+EMBEDDED = "embedded"  # display name of the default corpus
+# The encoding the cache holds, part of every cache key. A constant, so that a warm start need not
+# build the tokenizer; a test checks it against get_tokenizer().
+TOKENIZER = "gpt2:50257"
+# Text is tokenized in batches of a few pieces of at most about PIECE_BYTES per thread, so memory
+# stays flat whatever the size of a file or of the corpus.
+PIECE_BYTES = 4 << 20
+_PATH_HINT = "give a text file, a folder of *.txt files or a glob"
+
+
+def source_files(path: str | os.PathLike) -> list[Path]:
+    """The text files data.path names: a file, a folder (its *.txt, recursively) or a glob."""
+    text = str(path)
+    if not text.strip():  # Path("") is the current folder
+        raise ValueError(f"data.path={text!r} is empty: {_PATH_HINT}")
+    root = Path(text)
+    if root.is_file():  # as written, even with glob characters in its name ("book[2].txt")
+        return [root]
+    if root.is_dir():
+        found = sorted(  # hidden files and folders (.git, .ipynb_checkpoints) left out, as by glob
+            p
+            for p in root.rglob("*.txt")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        if not found:
+            raise ValueError(f"data.path={text!r} is a folder that holds no *.txt files")
+        return found
+    if glob.has_magic(text):
+        found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not found:
+            raise ValueError(f"data.path={text!r} is a glob that matches no files")
+        return found
+    what = "is not a file or folder" if root.exists() else "does not exist"  # /dev/null
+    raise ValueError(f"data.path={text!r} {what}: {_PATH_HINT}")
+
+
+def embedded_documents() -> list[str]:
+    """The default corpus, one document a topic of Python's language reference (data/README.md)."""
+    from pydoc_data.topics import topics
+
+    # Runs of spaces collapsed, reST underlines dropped: a small model trained on the raw text
+    # learns mostly to print spaces.
+    def clean(text: str) -> str:
+        lines = (" ".join(line.split()) for line in text.splitlines())
+        text = "\n".join(line for line in lines if not (line and set(line) <= set("*=-~^")))
+        return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+    return [clean(topics[name]) for name in sorted(topics)]
+
+
+def _pieces(file: Path, piece_bytes: int) -> Iterator[str]:
+    """The text of file in pieces of about piece_bytes, so a large file is never in memory at once.
+
+    Each cut falls after a newline with non-space characters on both sides ("x\nY"): GPT-2's
+    pre-tokenizer makes that newline a token of its own, so the pieces' ids are the file's ids (a
+    cut in a run of spaces could change how it is split). A piece grows until it has such a place.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    rest, offset, first = "", 0, True
+    with open(file, "rb") as f:
+        while True:
+            block = f.read(piece_bytes)
+            final = len(block) < piece_bytes  # a file reads short only at its end
+            try:
+                text = rest + decoder.decode(block, final=final)
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{file} is not UTF-8 text (byte {error.object[error.start]:#04x} near "
+                    f"offset {offset + error.start - len(decoder.getstate()[0])}): convert it, "
+                    "e.g. iconv -f latin1 -t utf-8, or leave it out"
+                ) from None
+            offset += len(block)
+            if final:
+                if text or first:  # an empty file is an empty document
+                    yield text
+                return
+            # rest had no place to cut but maybe its very end, whose next character came now
+            cut = _last_cut(text, start=max(1, len(rest) - 2))
+            if cut:
+                yield text[:cut]
+                first = False
+            rest = text[cut:]
+
+
+# A newline with non-space characters on both sides (Python's isspace holds every character the
+# tokenizer's \s does, and a few more).
+_CUT = re.compile(r"\S\n(?=\S)")
+
+
+def _last_cut(text: str, start: int) -> int:
+    """The place after the last _CUT newline of text from start on (text before start was searched
+    already), or 0. The last 64 KB almost always hold one: only text without one is searched whole.
+    """
+    for window in (1 << 16, len(text)):
+        matches = list(_CUT.finditer(text, max(start, len(text) - window) - 1))
+        if matches:
+            return matches[-1].end()
+    return 0
+
+
+def _documents(files: list[Path] | None, piece_bytes: int) -> Iterator[tuple[str, bool]]:
+    """The sources' text in order (None = the embedded corpus), as (piece, starts a document)."""
+    if files is None:
+        return ((doc, True) for doc in embedded_documents())
+    return ((piece, k == 0) for file in files for k, piece in enumerate(_pieces(file, piece_bytes)))
+
+
+def _batches(
+    files: list[Path] | None,
+    batch_bytes: int = PIECE_BYTES * max(4, os.cpu_count() or 1),
+    piece_bytes: int = PIECE_BYTES,
+) -> Iterator[tuple[list[tuple[str, bool]], int]]:
+    """The sources' pieces in batches of about batch_bytes, each with its size in bytes."""
+    batch, size = [], 0
+    for piece, starts in _documents(files, piece_bytes):
+        batch.append((piece, starts))
+        size += len(piece.encode())
+        if size >= batch_bytes:
+            yield batch, size
+            batch, size = [], 0
+    if batch:
+        yield batch, size
+
+
+def encode_documents(documents: list[str], pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
+    """The token ids of each document, in order, as uint32 arrays, encoded on the pool's threads.
+
+    encode_to_numpy hands over tiktoken's buffer (encode_ordinary_batch builds an int per token);
+    with no special token allowed, <|endoftext|> inside a text is plain text.
+    """
+    enc = get_tokenizer()
+    return pool.map(lambda doc: enc.encode_to_numpy(doc, disallowed_special=()), documents)
+
+
+def cache_key(files: list[Path] | None) -> str:
+    """A hash of the tokenizer and of every source's bytes, in order."""
+    digest = hashlib.sha256(f"{TOKENIZER}\0".encode())
+    if files is None:
+        for doc in embedded_documents():
+            digest.update(doc.encode() + b"\0")
+    else:
+        for file in files:
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def stat_key(files: list[Path]) -> str:
+    """A hash of the tokenizer and each file's absolute path, size and modification time.
+
+    cache_key reads the whole corpus; the index maps this key, which reads nothing, to the content's
+    cache file. Like make and rsync, it takes a file with the same size and mtime as unchanged.
+    """
+    digest = hashlib.sha256(f"{TOKENIZER}\0".encode())
+    for file in files:
+        st = file.stat()
+        digest.update(f"{file.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:32]
+
+
+def tokenize_to_cache(
+    path: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Path:
+    """The cache file of data.path's sources (None = the embedded corpus), tokenized if new."""
+    files = None if path is None else source_files(path)
+    cache_dir = Path(cache_dir) if cache_dir else cache_home("tokens")
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ValueError(f"data.cache_dir={str(cache_dir)!r} is a file: give a folder")
+    index = None if files is None else cache_dir / "index" / f"{stat_key(files)}.txt"
+    if index is not None and index.is_file():
+        target = cache_dir / index.read_text().strip()
+        if target.is_file():
+            return target  # the files are unchanged since they were hashed: no byte is read
+    target = cache_dir / f"{cache_key(files)}.bin"
+    if not target.exists():
+        _tokenize(files, target, progress)
+    if index is not None:
+        with contextlib.suppress(OSError):  # the index only saves time: a read-only cache serves
+            index.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(index, "w") as out:
+                out.write(target.name)
+    return target
+
+
+def _tokenize(files: list[Path] | None, target: Path, progress: bool) -> None:
+    enc = get_tokenizer()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    total = sum(f.stat().st_size for f in files) if files else None
+    eot = np.array([enc.eot_token], dtype=np.uint16).tobytes()
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    with (
+        bar,  # closed on failure too
+        ThreadPoolExecutor(os.cpu_count() or 1) as pool,
+        atomic_file(target) as out,
+    ):
+        for batch, size in _batches(files):
+            pieces = [piece for piece, _ in batch]
+            for (_, starts), ids in zip(batch, encode_documents(pieces, pool), strict=True):
+                if starts and out.tell():  # between documents
+                    out.write(eot)
+                out.write(ids.astype(np.uint16))
+            bar.update(size)
+
+
+def load_tokens(file: Path) -> np.ndarray:
+    """The cached ids as a read-only memory map (nothing is read until a window asks for it)."""
+    if file.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(file, dtype=np.uint16, mode="r")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2_lightning.data")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="tokenize a corpus into the token cache once")
+    prepare.add_argument("path", help="a text file, a folder of *.txt files, or a glob")
+    prepare.add_argument("--cache-dir", help="default: ~/.cache/gpt2_lightning/tokens")
+    args = parser.parse_args(argv)
+    # SIGTERM as an exception, so the temporary file being written is removed as on Ctrl-C
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        file = tokenize_to_cache(args.path, args.cache_dir, progress=True)
+    except (ValueError, OSError) as error:  # OSError: a --cache-dir that cannot be a folder
+        # the path is this command's first argument, not a data.path= override
+        message = str(error).replace("data.path=", "", 1).replace("data.cache_dir=", "--cache-dir ")
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was cached", file=sys.stderr)
+        return 130
+    if file.stat().st_size == 0:
+        print(f"error: {args.path!r} holds no text: the corpus is empty", file=sys.stderr)
+        return 1
+    print(f"{file.stat().st_size // 2:,} tokens cached in {file}")
+    from gpt2_lightning.cli import override  # Hydra's parser: only this command needs it
+
+    keys = [override("data.path", args.path)]
+    if args.cache_dir:
+        keys.append(override("data.cache_dir", args.cache_dir))
+    command = " ".join(shlex.quote(key) for key in keys)  # quoted for Hydra, then the shell
+    print(f"train on them with: python -m gpt2_lightning.train {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Sources and the token cache (python -m gpt2_lightning.data prepare), on small known texts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, TEXT, run_module, write
+
+from gpt2_lightning import tokens
+from gpt2_lightning.tokenizer import get_tokenizer
+from gpt2_lightning.tokens import (
+    embedded_documents,
+    load_tokens,
+    main,
+    source_files,
+    tokenize_to_cache,
+)
+
+EOT = 50256
+
+
+# About 600 GPT-2 tokens of plain prose.
+def cached_ids(path, cache_dir: Path) -> list[int]:
+    return load_tokens(tokenize_to_cache(path, cache_dir)).tolist()
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    """Nested *.txt files plus files that are not text sources."""
+    root = tmp_path / "corpus"
+    write(root / "b.txt", "Second document.")
+    write(root / "a" / "z.txt", "First document, in a subfolder.")
+    write(root / "a" / "deeper" / "c.txt", "Third, two levels down.")
+    write(root / "notes.md", "not a .txt file")
+    write(root / "a" / "table.csv", "x,y\n1,2\n")
+    return root
+
+
+def test_folder_is_searched_recursively_sorted_and_txt_only(corpus_dir):
+    files = source_files(corpus_dir)
+    assert [f.relative_to(corpus_dir).as_posix() for f in files] == [
+        "a/deeper/c.txt",
+        "a/z.txt",
+        "b.txt",
+    ]
+
+
+def test_glob_selects_files(corpus_dir):
+    assert [f.name for f in source_files(corpus_dir / "*.txt")] == ["b.txt"]
+    recursive = source_files(f"{corpus_dir}/**/*.txt")
+    assert [f.name for f in recursive] == ["c.txt", "z.txt", "b.txt"]
+    assert [f.name for f in source_files(corpus_dir / "*.md")] == ["notes.md"]
+
+
+def test_a_path_that_exists_is_taken_as_written(tmp_path):
+    # glob characters in an existing name: the file itself, not what the pattern matches
+    book = write(tmp_path / "book[2].txt", "the second edition")
+    write(tmp_path / "book2.txt", "what the pattern book[2].txt matches")
+    assert source_files(book) == [book]
+    folder = write(tmp_path / "corpus[2024]" / "a.txt", "one file").parent
+    assert source_files(folder) == [folder / "a.txt"]
+
+
+def test_a_folder_leaves_out_hidden_files_and_folders_named_txt(corpus_dir):
+    write(corpus_dir / ".ipynb_checkpoints" / "b-checkpoint.txt", "a copy")
+    write(corpus_dir / ".hidden.txt", "hidden")
+    (corpus_dir / "folder.txt").mkdir()
+    assert [f.name for f in source_files(corpus_dir)] == ["c.txt", "z.txt", "b.txt"]
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("", "data.path='' is empty: give a text file"),  # not the current folder
+        ("  ", "data.path='  ' is empty"),
+        ("/dev/null", "data.path='/dev/null' is not a file or folder: give a text file"),
+    ],
+)
+def test_paths_that_name_no_text_are_refused(path, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        source_files(path)
+
+
+def test_single_file_is_its_own_source(tmp_path):
+    file = write(tmp_path / "book.text", "any extension works for a named file")
+    assert source_files(file) == [file]
+
+
+def test_documents_are_joined_with_endoftext(tmp_path):
+    enc = get_tokenizer()
+    doc1 = "The first document ends here."
+    doc2 = "A second one, which starts fresh.\n"
+    write(tmp_path / "docs" / "1.txt", doc1)
+    write(tmp_path / "docs" / "2.txt", doc2)
+    ids = cached_ids(tmp_path / "docs", tmp_path / "cache")
+    assert ids == enc.encode_ordinary(doc1) + [EOT] + enc.encode_ordinary(doc2)
+    assert ids.count(EOT) == 1
+
+
+def test_folder_documents_follow_sorted_order(corpus_dir, tmp_path):
+    enc = get_tokenizer()
+    docs = [f.read_text() for f in source_files(corpus_dir)]
+    expected = enc.encode_ordinary(docs[0])
+    for doc in docs[1:]:
+        expected += [EOT] + enc.encode_ordinary(doc)
+    assert cached_ids(corpus_dir, tmp_path / "cache") == expected
+
+
+def test_a_large_file_is_read_in_pieces_with_the_same_ids(tmp_path):
+    # The embedded corpus with non-ASCII text, as one file read 4 KB at a time: a multi-byte
+    # character can straddle two reads, and the cuts must not change a single id.
+    # Then stretches without a place to cut: blank lines, a long line, indented lines.
+    text = (
+        "\n".join(embedded_documents())
+        + "Café, naïve, 漢字 — ünïcödé\n" * 50
+        + "\n" * 10_000
+        + "word " * 3_000
+        + "\n  indented\n\tand tabbed\n \n"
+    )
+    file = write(tmp_path / "big.txt", text)
+    pieces = [piece for batch, _ in tokens._batches([file], 64 << 10, 4 << 10) for piece in batch]
+    assert len(pieces) > 100 and sum(starts for _, starts in pieces) == 1
+    assert "".join(piece for piece, _ in pieces) == text
+    sizes = sorted(len(piece.encode()) for piece, _ in pieces)
+    assert sizes[-3] < 8 << 10  # all but the pieces that hold the stretches without a cut
+    assert sizes[-1] < 32 << 10
+    enc = get_tokenizer()
+    ids = [token for piece, _ in pieces for token in enc.encode_ordinary(piece)]
+    assert ids == enc.encode_ordinary(text)
+
+
+def test_text_that_is_not_utf8_is_refused_with_its_offset(tmp_path):
+    file = tmp_path / "latin1.txt"
+    file.write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(
+        ValueError, match=r"latin1.txt is not UTF-8 text \(byte 0xe9 near offset 3\)"
+    ):
+        tokenize_to_cache(file, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_endoftext_written_in_a_file_is_plain_text(tmp_path):
+    # Only the separator between files is the special id; the literal string is ordinary text.
+    file = write(tmp_path / "a.txt", "before <|endoftext|> after")
+    ids = cached_ids(file, tmp_path / "cache")
+    assert EOT not in ids
+    assert get_tokenizer().decode(ids) == "before <|endoftext|> after"
+
+
+# --- token cache ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def count_batches(monkeypatch):
+    """Counts calls of the batch encoder (the only way tokens are produced)."""
+    calls = []
+    original = tokens.encode_documents
+
+    def counting(batch, pool):
+        calls.append(len(batch))
+        return original(batch, pool)
+
+    monkeypatch.setattr(tokens, "encode_documents", counting)
+    return calls
+
+
+def test_cache_file_is_named_by_hash(tmp_path):
+    file = write(tmp_path / "a.txt", TEXT)
+    target = tokenize_to_cache(file, tmp_path / "cache")
+    assert target.parent == tmp_path / "cache"
+    assert re.fullmatch(r"[0-9a-f]{32}\.bin", target.name)
+    assert target.stat().st_size == 2 * len(get_tokenizer().encode_ordinary(TEXT))  # uint16
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [target.name, "index"]
+
+
+def test_second_call_reuses_the_cache(tmp_path, count_batches):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+    assert count_batches == [1]
+    stat = first.stat()
+    second = tokenize_to_cache(file, tmp_path / "cache")
+    assert second == first
+    assert count_batches == [1]  # not tokenized again
+    assert (second.stat().st_ino, second.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
+def test_cache_key_is_the_content_not_the_path(tmp_path, count_batches):
+    a = tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
+    b = tokenize_to_cache(write(tmp_path / "copy" / "b.txt", TEXT), tmp_path / "cache")
+    assert a == b
+    assert count_batches == [1]
+
+
+def test_cache_keys_name_the_tokenizer_in_use():
+    enc = get_tokenizer()
+    assert tokens.TOKENIZER == f"{enc.name}:{enc.n_vocab}"
+
+
+def test_unchanged_files_are_found_without_reading_them(tmp_path, monkeypatch):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+
+    def no_reading(files):
+        raise AssertionError("the corpus was read again")
+
+    monkeypatch.setattr(tokens, "cache_key", no_reading)
+    assert tokenize_to_cache(file, tmp_path / "cache") == first
+
+
+def test_a_touched_file_is_hashed_again_and_keeps_its_cache(tmp_path, count_batches):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+    stat = file.stat()
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, new mtime
+    assert tokenize_to_cache(file, tmp_path / "cache") == first
+    assert count_batches == [1]  # hashed, found, not tokenized again
+    assert len(list((tmp_path / "cache" / "index").iterdir())) == 2
+
+
+def test_a_cache_whose_index_cannot_be_written_still_serves(tmp_path, monkeypatch):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+    for entry in (tmp_path / "cache" / "index").iterdir():
+        entry.unlink()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    assert tokenize_to_cache(file, tmp_path / "cache") == first  # found by content, no error
+    assert list((tmp_path / "cache" / "index").iterdir()) == []
+
+
+def test_index_entry_for_a_deleted_cache_file_is_not_trusted(tmp_path):
+    file = write(tmp_path / "a.txt", TEXT)
+    first = tokenize_to_cache(file, tmp_path / "cache")
+    first.unlink()
+    again = tokenize_to_cache(file, tmp_path / "cache")
+    assert again == first and load_tokens(again).tolist() == get_tokenizer().encode_ordinary(TEXT)
+
+
+def test_changed_text_gets_a_new_cache_file(tmp_path):
+    enc = get_tokenizer()
+    file = write(tmp_path / "a.txt", TEXT)
+    old = tokenize_to_cache(file, tmp_path / "cache")
+    write(file, TEXT + " One more sentence.")
+    new = tokenize_to_cache(file, tmp_path / "cache")
+    assert new != old
+    assert old.exists()
+    assert load_tokens(new).tolist() == enc.encode_ordinary(TEXT + " One more sentence.")
+    assert load_tokens(old).tolist() == enc.encode_ordinary(TEXT)
+
+
+def test_no_temp_files_are_left_behind(tmp_path, corpus_dir):
+    tokenize_to_cache(corpus_dir, tmp_path / "cache")
+    tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())  # hex names sort first
+    assert len(names) == 3 and names[2] == "index" and all(n.endswith(".bin") for n in names[:2])
+    index = [p.name for p in (tmp_path / "cache" / "index").iterdir()]
+    assert len(index) == 2 and all(name.endswith(".txt") for name in index)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("tokenizer crashed"), KeyboardInterrupt()])
+def test_failure_mid_tokenization_leaves_nothing(tmp_path, corpus_dir, monkeypatch, error):
+    enc = get_tokenizer()
+    written = []
+
+    def fail_after_first(batch, pool):
+        # The first document's ids reach the temp file before the failure.
+        written.append(enc.encode_ordinary(batch[0]))
+        yield np.array(written[-1], dtype=np.uint32)
+        raise error
+
+    monkeypatch.setattr(tokens, "encode_documents", fail_after_first)
+    cache = tmp_path / "cache"
+    with pytest.raises(type(error)):
+        tokenize_to_cache(corpus_dir, cache)
+    assert len(written) == 1 and written[0]
+    assert list(cache.iterdir()) == []
+
+
+def test_empty_file_caches_zero_tokens(tmp_path):
+    target = tokenize_to_cache(write(tmp_path / "empty.txt", ""), tmp_path / "cache")
+    assert target.stat().st_size == 0
+    assert len(load_tokens(target)) == 0
+
+
+# --- the embedded corpus -------------------------------------------------------------------------
+
+
+def test_embedded_corpus_is_cleaned_prose():
+    docs = embedded_documents()
+    assert 70 <= len(docs) <= 90  # one per topic of pydoc_data.topics (79 on Python 3.11)
+    for doc in docs:
+        assert doc.endswith("\n") and doc.strip()
+        assert "  " not in doc
+        assert "\n\n\n" not in doc
+        for line in doc.splitlines():
+            assert not (line and set(line) <= set("*=-~^")), line
+
+
+def test_embedded_corpus_has_over_100k_tokens(token_cache):
+    ids = load_tokens(tokenize_to_cache(None, token_cache))
+    assert len(ids) > 100_000
+    assert int(ids.max()) == EOT
+    assert int((ids == EOT).sum()) == len(embedded_documents()) - 1
+
+
+def test_cache_files_are_readable_by_others(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        target = tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
+    finally:
+        os.umask(umask)
+    (index,) = (tmp_path / "cache" / "index").iterdir()
+    assert target.stat().st_mode & 0o777 == 0o644  # a temporary file's would be 0600
+    assert index.stat().st_mode & 0o777 == 0o644
+
+
+# --- python -m gpt2_lightning.data prepare -------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["gpt2_lightning.data", "gpt2_lightning.tokens"])
+def test_prepare_command_caches_and_reports_the_count(tmp_path, module):
+    file = write(tmp_path / "text.txt", TEXT)
+    cache = tmp_path / "cache"
+    result = run_module(module, "prepare", str(file), "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    n = len(get_tokenizer().encode_ordinary(TEXT))
+    (target,) = cache.glob("*.bin")
+    assert f"{n:,} tokens cached in {target}" in result.stdout
+    # the hint for training names the same cache, quoted for the shell
+    hint = f"python -m gpt2_lightning.train data.path={file} data.cache_dir={cache}"
+    assert hint in result.stdout
+    assert len(load_tokens(target)) == n
+    # The same cache file the training run will look up.
+    assert tokenize_to_cache(file, cache) == target
+
+
+def test_prepare_command_prints_a_training_command_hydra_reads(tmp_path):
+    from gpt2_lightning.cli import parse
+
+    file = write(tmp_path / "book[2], final.txt", TEXT)
+    result = run_module("gpt2_lightning.data", "prepare", str(file), "--cache-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("train on them")]
+    words = shlex.split(line.split("with: ", 1)[1])
+    assert words[:3] == ["python", "-m", "gpt2_lightning.train"]
+    assert [parse(word).value() for word in words[3:]] == [str(file), str(tmp_path)]
+
+
+def test_prepare_command_names_a_missing_path(tmp_path):
+    missing = tmp_path / "nowhere.txt"
+    result = run_module(
+        "gpt2_lightning.data", "prepare", str(missing), "--cache-dir", str(tmp_path)
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0] == (
+        f"error: {str(missing)!r} does not exist: give a text file, a folder of *.txt files or "
+        "a glob"
+    )
+    assert list(tmp_path.iterdir()) == []  # no cache file, no temp file
+
+
+def test_prepare_command_refuses_a_cache_dir_that_is_a_file(tmp_path, capsys):
+    corpus = write(tmp_path / "text.txt", TEXT)
+    not_a_dir = write(tmp_path / "cache", "a file")
+    assert main(["prepare", str(corpus), "--cache-dir", str(not_a_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: --cache-dir {str(not_a_dir)!r} is a file: give a folder\n"
+    assert not_a_dir.read_text() == "a file"
+
+
+def test_prepare_command_refuses_an_empty_corpus(tmp_path, capsys):
+    empty = write(tmp_path / "empty.txt", "")
+    assert main(["prepare", str(empty), "--cache-dir", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {str(empty)!r} holds no text: the corpus is empty" in err
+
+
+# `python -m gpt2_lightning.data prepare <args>`, signalled from inside its first batch.
+SIGNAL_IN_FIRST_BATCH = """
+import os, runpy, sys
+from gpt2_lightning import tokens
+
+encode, signum = tokens.encode_documents, int(sys.argv[1])
+
+def signalled(batch, pool):
+    os.kill(os.getpid(), signum)
+    return encode(batch, pool)
+
+tokens.encode_documents = signalled
+sys.argv = ["gpt2_lightning.data", "prepare", *sys.argv[2:]]
+runpy.run_module("gpt2_lightning.data", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_prepare_command_stopped_by_a_signal_caches_nothing(tmp_path, corpus_dir, signum, code):
+    cache = tmp_path / "cache"
+    args = [str(int(signum)), str(corpus_dir), "--cache-dir", str(cache)]
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_FIRST_BATCH, *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == code, result.stderr
+    assert ("interrupted: nothing was cached" in result.stderr) == (signum == signal.SIGINT)
+    assert list(cache.iterdir()) == []  # no cache file, no temp file, no index
