@@ -13,8 +13,7 @@ import sys
 
 import torch
 
-from gpt2_lightning import GPT, get_tokenizer
-from gpt2_lightning.generate import generate
+from gpt2_lightning import GPT, generate, get_tokenizer
 from gpt2_lightning.weights import WeightsError
 
 PROMPT = "Hello, I'm a language model,"

@@ -8,11 +8,8 @@ This module imports only torch, so it can be copied out and used on its own.
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -85,9 +82,8 @@ class LayerNorm(nn.Module):
 
         (x - mean(x)) / sqrt(var(x) + eps) * weight + bias     (var without Bessel's correction)
 
-    F.layer_norm computes this in one pass over x; spelled out in torch ops it is seven
-    passes and seven kernel calls, which cost a decoding step 6% at 124M and ~20% on small models.
-    RMSNorm below is written out op by op.
+    F.layer_norm does this in one pass over x, where the formula in torch ops takes seven (a
+    decoding step measured 6% slower at 124M that way). RMSNorm below is written out op by op.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -116,91 +112,6 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return LayerNorm(cfg.emb_dim) if cfg.norm == "layernorm" else RMSNorm(cfg.emb_dim)
 
 
-class Linear(nn.Linear):
-    """nn.Linear, with a faster path for the few rows of a decoding step on some CPUs.
-
-    A decode step multiplies one row per sequence by every weight matrix, so its speed is how fast
-    the weights stream from memory. For a few fp32 rows torch calls MKL's matrix-vector routine,
-    which on AMD CPUs runs on one core and reads memory at one core's rate. There, cutting the
-    weight's rows into one slice per thread and multiplying the slices as a batch (bmm runs batch
-    entries in parallel) puts every core to work: ~1.5x faster decoding at 124M on 2 cores of an
-    EPYC (~80% of the bandwidth a plain sum reaches). On Intel CPUs MKL already uses every core
-    (a 2-core Xeon: the plain product streams as fast as a sum, the split one ~25% slower), so
-    the plain path stays (see splits_few_rows).
-    The same products up to float rounding; training (many rows) takes the plain path.
-
-    Weights stored narrower than x (half-size weights for fp32 activations: generate's dtype=) are
-    multiplied in their own dtype, and the result comes back in x's: the weights are what a
-    decoding step reads.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.element_size() < x.element_size():  # not autocast's (bf16 x, fp32 weights)
-            return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-        parts = torch.get_num_threads()
-        if (
-            parts > 1
-            and splits_few_rows()
-            and x.numel() <= SPLIT_MAX_ROWS * x.size(-1)
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.numel() >= SPLIT_MIN_WEIGHTS
-            and self.out_features >= parts  # a slice of rows per thread
-        ):
-            return split_linear(x, self.weight, self.bias, parts)
-        return F.linear(x, self.weight, self.bias)
-
-
-@functools.cache
-def splits_few_rows() -> bool:
-    """Whether Linear splits products of a few fp32 rows: where torch's BLAS is MKL and the CPU
-    an AMD one (MKL's one-row products measured on one core there, on every core on Intel)."""
-    return torch.backends.mkl.is_available() and cpu_vendor() == "AuthenticAMD"
-
-
-def cpu_vendor() -> str:
-    """The CPU's vendor as Linux names it ('GenuineIntel', 'AuthenticAMD'), or '' elsewhere."""
-    try:
-        found = re.search(r"^vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        return ""
-    return found.group(1) if found else ""
-
-
-# On the EPYC, up to 64 rows, splitting measured 1.2-1.9x faster (a decode step of 8 sequences, a
-# short prompt); the gain fades with more rows (1.1x at 256), and training takes the plain path.
-SPLIT_MAX_ROWS = 64
-SPLIT_MIN_WEIGHTS = 2**16  # a smaller matrix sits in cache, and splitting costs more than it saves
-# A matrix this many times wider than deep (the 50257-wide head) is multiplied the other way round,
-# weight slices @ x.T: measured ~1.2x faster decoding of the small shape (emb 128), ~1.1x at 124M
-# batch 8, the same at batch 1; for the blocks' matrices that order measured slower.
-SPLIT_WIDE = 16
-
-
-def split_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int
-) -> torch.Tensor:
-    """F.linear(x, weight, bias), computed as `parts` products over slices of weight's rows."""
-    out_features, in_features = weight.shape
-    rows = out_features // parts
-    whole = parts * rows  # the rows that divide evenly; the remainder (< parts) follows apart
-    slices = weight[:whole].view(parts, rows, in_features)  # (parts, rows, in)
-    flat = x.reshape(-1, in_features)  # (N, in)
-    wide = out_features >= SPLIT_WIDE * in_features
-    if wide:  # (parts, rows, in) @ (parts, in, N) -> (parts, rows, N)
-        a, b, bias_shape = slices, flat.T.expand(parts, -1, -1), (parts, rows, 1)
-    else:  # (parts, N, in) @ (parts, in, rows) -> (parts, N, rows)
-        a, b, bias_shape = flat.expand(parts, -1, -1), slices.transpose(1, 2), (parts, 1, rows)
-    # The bias is added inside the product, as addmm does for F.linear.
-    y = torch.bmm(a, b) if bias is None else torch.baddbmm(bias[:whole].view(bias_shape), a, b)
-    # (N, whole): the slices side by side
-    y = y.reshape(whole, -1).T if wide else y.transpose(0, 1).reshape(-1, whole)
-    if whole < out_features:
-        rest = None if bias is None else bias[whole:]
-        y = torch.cat([y, F.linear(flat, weight[whole:], rest)], dim=-1)
-    return y.reshape(*x.shape[:-1], out_features)
-
-
 class KVCache:
     """Keys and values of the positions seen so far, for every layer, allocated once per run.
 
@@ -226,9 +137,8 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # narrow(dim, start, length) rather than [layer, :, :, a:b]: the same views, but cheaper
-        # to call than parsing an index tuple, and a decode step makes 4 per layer (measured 4-7%
-        # faster steps where such overheads dominate: small models)
+        # narrow() rather than [:, :, a:b]: the same views without parsing an index tuple, and a
+        # decode step makes 4 per layer (measured 4-7% faster steps on small models)
         keys, values = self.keys[layer], self.values[layer]  # (B, H, max_length, head_dim)
         T = k.size(2)
         keys.narrow(2, self.length, T).copy_(k)
@@ -249,15 +159,12 @@ class MultiHeadAttention(nn.Module):
         self.layer = layer  # which slice of a KVCache is ours
         self.num_heads = cfg.num_heads
         self.dropout = cfg.dropout
-        self.qkv = Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.out_proj = Linear(cfg.emb_dim, cfg.emb_dim)
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
         self.out_proj.residual = True  # marks a residual projection for the scaled init in GPT
 
     def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
@@ -266,14 +173,8 @@ class MultiHeadAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, H, past + T, head_dim)
         # mask=None means plain causal; a single new query may see every cached key.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
-        )
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.out_proj(y)
 
@@ -283,8 +184,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.proj = Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
         self.proj.residual = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,6 +212,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2: token ids (B, T) -> logits (B, T, vocab_size).
+
+    gpt2_lightning.weights adds from_pretrained, save_pretrained and from_checkpoint.
+    """
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         cfg.validate()
@@ -320,7 +226,7 @@ class GPT(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
-        self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         # Weight tying: the same matrix maps ids to vectors and vectors back to id scores. GPT-2
         # does this; it saves vocab_size x emb_dim parameters (38.6M of the 124M model).
         self.lm_head.weight = self.tok_emb.weight
@@ -388,26 +294,3 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Number of parameters; the tied embedding / lm_head matrix is counted once."""
         return sum(p.numel() for p in self.parameters())  # parameters() yields shared ones once
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> GPT:
-        """Official OpenAI weights by size name ('124M', 'gpt2', ...) or a local HF folder."""
-        from gpt2_lightning.weights import load_pretrained
-
-        return load_pretrained(name_or_path)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write a Hugging Face-format folder (config.json + model.safetensors)."""
-        from gpt2_lightning.weights import save_pretrained
-
-        save_pretrained(self, directory)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
-        """The bare model from a Lightning checkpoint written by gpt2_lightning.train."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        model = cls(GPTConfig(**ckpt["hyper_parameters"]["model"]))
-        prefix = "model."
-        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        model.load_state_dict(state)
-        return model

@@ -1,9 +1,8 @@
-"""The official OpenAI GPT-2 weights: download, load and export in the Hugging Face layout.
+"""Weights in and out of GPT: the official ones, Hugging Face folders, training checkpoints.
 
-OpenAI's checkpoints live on the Hugging Face hub as `openai-community/gpt2` (and -medium, -large,
--xl): a config.json and a model.safetensors written by transformers' GPT2LMHeadModel. Its names
-differ from ours and its linear layers are Conv1D modules that store weights as (in, out), the
-transpose of nn.Linear's (out, in); this module maps one layout onto the other, both ways.
+OpenAI's weights are on the Hugging Face hub (`openai-community/gpt2`, -medium, -large, -xl) in
+transformers' GPT2LMHeadModel layout: other names, and Conv1D weights stored (in, out), the
+transpose of nn.Linear's (out, in). This module maps one layout onto the other, both ways.
 
     python -m gpt2_lightning.weights download 124M        # fetch into the hub cache, print the path
     python -m gpt2_lightning.weights export <ckpt> <dir>  # a Lightning checkpoint as an HF folder
@@ -29,6 +28,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt2_lightning.files import umask_mode
 from gpt2_lightning.model import ALIASES, GPT, GPTConfig
 
 # The official sizes (no "tiny": it has no released weights) and the hub repository of each.
@@ -57,19 +57,13 @@ def official_sizes() -> list[str]:
     return [*REPOS, *ALIASES]
 
 
-def repo_id(size: str) -> str:
-    """The hub repository holding an official size ('124M' or an alias such as 'gpt2')."""
-    size = ALIASES.get(size, size)
-    if size not in REPOS:
+def download(size: str) -> Path:
+    """Fetch an official size into the Hugging Face cache; the folder holding its two files."""
+    if ALIASES.get(size, size) not in REPOS:
         raise ValueError(
             f"unknown model size {size!r}: valid sizes are {', '.join(official_sizes())}"
         )
-    return REPOS[size]
-
-
-def download(size: str) -> Path:
-    """Fetch an official size into the Hugging Face cache; the folder holding its two files."""
-    repo = repo_id(size)
+    repo = REPOS[ALIASES.get(size, size)]
     try:
         hf_hub_download(repo, CONFIG_FILE)
         return Path(hf_hub_download(repo, WEIGHTS_FILE)).parent
@@ -132,8 +126,7 @@ def load_folder(folder: str | Path) -> GPT:
 
 def weights_files(folder: Path) -> list[Path]:
     """The files holding a folder's weights, in transformers' order of preference: one
-    model.safetensors, its shards (model.safetensors.index.json), then the same for the legacy
-    pytorch_model.bin. save_pretrained shards a model larger than its max_shard_size."""
+    model.safetensors, or its shards (named by an index), then the same for pytorch_model.bin."""
     for name in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
         if (folder / name).is_file():
             return [folder / name]
@@ -234,9 +227,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "n_inner": None,
         "activation_function": "gelu_new",
         "layer_norm_epsilon": LAYER_NORM_EPS,
-        "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.dropout,
+        **dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), cfg.dropout),
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         # <|endoftext|> when the vocabulary has it; transformers warns about an id out of range.
@@ -322,9 +313,7 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
     # Written next to the target and renamed into place, so a crash never leaves half a folder.
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
+        staging.chmod(umask_mode(0o777))  # mkdtemp's folder is private (0700); a model's is not
         hf = config_to_hf(cfg)
         (staging / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
         # What transformers' generate() starts from (it writes one too): stop at <|endoftext|>.
@@ -341,40 +330,57 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path) -> GPT:
-    """The model from a Lightning checkpoint written by training, with one clear error if not."""
-    path = Path(path)
+def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict:
+    """The dict of a Lightning .ckpt written by training (tensors memory-mapped, on the CPU)."""
+    named, path = f"{key}={str(path)!r}", Path(path)
     if path.is_dir():
-        raise WeightsError(f"checkpoint {str(path)!r} is a folder: pass a .ckpt file")
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {str(path)!r} does not exist")
-    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise WeightsError(
-            f"{str(path)!r} is not a checkpoint written by gpt2_lightning.train "
-            "(not a PyTorch file)"
+            f"{named} is a folder: give a .ckpt file in it, e.g. {path / 'last.ckpt'}"
         )
+    if not path.is_file():
+        raise WeightsError(
+            f"{named} does not exist: give a .ckpt written by a training run, e.g. "
+            "outputs/<date>/<time>/checkpoints/last.ckpt"
+        )
+    unreadable = f"{named} is not a readable Lightning checkpoint"
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise WeightsError(f"{unreadable} (not a PyTorch file)")
     try:
-        return GPT.from_checkpoint(path)
-    except (
-        KeyError,
-        TypeError,
-        ValueError,
-        IndexError,
-        AttributeError,
-        RuntimeError,
-        pickle.UnpicklingError,
-        EOFError,
-    ) as error:
-        reason = f"{type(error).__name__}: {_first_line(error)}"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # a damaged file can fail in any layer of the unpickler
         unsupported = re.search(r"Unsupported global: [^\n]*", str(error))
         if unsupported:  # a PyTorch file holding objects that weights_only refuses to build
             reason = unsupported.group()
         elif isinstance(error, pickle.UnpicklingError):
             # Its own message is a paragraph about weights_only, which is not the point here.
             reason = "not a PyTorch file"
+        else:
+            reason = f"{type(error).__name__}: {_first_line(error)}"
+        raise WeightsError(f"{unreadable} ({reason})") from error
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not (
+        isinstance(hparams, dict)
+        and "model" in hparams
+        and isinstance(ckpt.get("state_dict"), dict)
+    ):
+        raise WeightsError(f"{unreadable} (no hyper_parameters.model and state_dict in it)")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, key: str = "checkpoint") -> GPT:
+    """The model from a Lightning checkpoint written by training, with one clear error if not."""
+    ckpt = read_checkpoint(path, key)
+    prefix = "model."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model = GPT(GPTConfig(**ckpt["hyper_parameters"]["model"]))
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as error:  # other fields, values or shapes
         raise WeightsError(
-            f"{str(path)!r} is not a checkpoint written by gpt2_lightning.train ({reason})"
+            f"{key}={str(path)!r} holds a model that GPT cannot load "
+            f"({type(error).__name__}: {_first_line(error)})"
         ) from error
+    return model
 
 
 def load_weights(source: str, key: str = "init_from") -> GPT:
@@ -383,7 +389,7 @@ def load_weights(source: str, key: str = "init_from") -> GPT:
         raise ValueError(f"{key}={source!r} is empty: pass a .ckpt, a folder or a size name")
     path = Path(source)
     if path.is_file():
-        return load_checkpoint(path)
+        return load_checkpoint(path, key)
     if path.is_dir() or source in official_sizes():
         return load_pretrained(source)
     raise ValueError(
@@ -399,6 +405,12 @@ def _first_line(error: BaseException) -> str:
     if len(lines) > 1 and lines[0].endswith(":"):
         return f"{lines[0]} {lines[1]}"
     return lines[0] if lines else type(error).__name__
+
+
+# The model's loading and saving methods (model.py imports only torch).
+GPT.from_pretrained = staticmethod(load_pretrained)
+GPT.save_pretrained = save_pretrained
+GPT.from_checkpoint = staticmethod(load_checkpoint)
 
 
 def _export(checkpoint: str, directory: str, force: bool) -> None:

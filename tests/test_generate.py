@@ -1,19 +1,15 @@
-"""generate() / stream(): sampling controls, KV cache, batches, EOS, and the generate command."""
+"""generate() / stream(): sampling controls, KV cache, batches, EOS, half-precision steps."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from gpt2_lightning import GPT, GPTConfig, KVCache, get_tokenizer
+from gpt2_lightning import GPT, GPTConfig, KVCache
 from gpt2_lightning.generate import generate, stream
 
 CONTEXT = 32
@@ -195,90 +191,6 @@ def test_top_p_error_says_what_is_valid(model: GPT) -> None:
         generate(model, PROMPTS, 5, top_p=1.5)
 
 
-# The command line, run for real in a subprocess.
-
-
-def run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",  # the download fails at once, as on a machine without network
-        "HF_HOME": str(cwd / "hf_home"),
-        "PYTHONIOENCODING": "utf-8",
-        "OMP_NUM_THREADS": "1",  # as in one_thread above
-    }
-    command = [sys.executable, "-m", "gpt2_lightning.generate", *overrides]
-    return subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=120
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 1
-    assert "Traceback" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-def test_cli_rejects_bad_top_p_before_loading(tmp_path: Path) -> None:
-    # checkpoint=124M is not in this offline cache: the error is about top_p, found first
-    result = run_cli(tmp_path, "top_p=1.5")
-    assert_one_line_error(result, "top_p=1.5", "(0, 1]")
-
-
-def test_cli_rejects_unknown_checkpoint(tmp_path: Path) -> None:
-    missing = tmp_path / "missing.ckpt"
-    result = run_cli(tmp_path, f"checkpoint={missing}")
-    assert_one_line_error(result, f"checkpoint='{missing}'", "124M")
-
-
-def test_cli_explains_offline_download_failure(tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "checkpoint=gpt2")
-    assert_one_line_error(result, "openai-community/gpt2", "download gpt2", "local folder")
-
-
-def save_lightning_checkpoint(model: GPT, path: Path) -> None:
-    """The layout gpt2_lightning.train writes: hyperparameters plus the module's state dict."""
-    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
-    torch.save({"hyper_parameters": {"model": model.cfg.to_dict()}, "state_dict": state}, path)
-
-
-@pytest.mark.parametrize("source", ["lightning", "huggingface"])
-def test_cli_streams_the_seeded_sample(tmp_path: Path, source: str) -> None:
-    torch.manual_seed(0)
-    model = GPT(
-        GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, num_layers=1, num_heads=2)
-    )
-    if source == "lightning":
-        checkpoint = tmp_path / "tiny.ckpt"
-        save_lightning_checkpoint(model, checkpoint)
-    else:
-        checkpoint = tmp_path / "tiny-hf"
-        model.save_pretrained(checkpoint)
-    before = set(tmp_path.iterdir())
-    prompt = "Café au lait"  # multi-byte characters survive the round trip
-    result = run_cli(
-        tmp_path,
-        f"checkpoint={checkpoint}",
-        f"prompt='{prompt}'",
-        "max_new_tokens=12",
-        "seed=5",
-        "top_k=40",
-        "top_p=0.9",
-    )
-    assert result.returncode == 0, result.stderr
-    tokenizer = get_tokenizer()
-    generator = torch.Generator().manual_seed(5)
-    idx = torch.tensor([tokenizer.encode(prompt)])
-    new = generate(model, idx, 12, top_k=40, top_p=0.9, eos_id=50256, generator=generator)
-    new_ids = [token for token in new[0, idx.size(1) :].tolist() if token != 50256]
-    assert result.stdout == prompt + tokenizer.decode(new_ids) + "\n"
-    assert len(result.stdout) > len(prompt) + 1
-    # no outputs/ run folder, no .hydra/, no log file
-    assert set(tmp_path.iterdir()) - {tmp_path / "hf_home"} == before
-
-
 def test_greedy_temperature_is_exactly_argmax() -> None:
     stub = FixedLogits(PROBS)
     out = generate(stub, torch.zeros(3, 2, dtype=torch.long), 4, temperature=0)
@@ -303,126 +215,6 @@ def test_half_precision_decode_gives_valid_ids_and_float32_stays_the_default(dty
     assert torch.equal(low[:, 5], default[:, 5])
 
 
-def test_generate_cli_rejects_an_unknown_dtype(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "gpt2_lightning.generate", "checkpoint=124M", "dtype=int8"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        cwd=tmp_path,
-    )
-    assert result.returncode == 1
-    assert "dtype='int8' is invalid" in result.stderr and "bfloat16" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_low_precision_copy_converts_the_products_weights_once_and_keeps_the_tie():
-    from gpt2_lightning.generate import _copy_in
-
-    model = GPT(GPTConfig.from_name("tiny", num_layers=1, dropout=0.5))  # in training mode
-    low = _copy_in(model, torch.bfloat16)
-    assert not low.training  # no dropout in the steps, whatever mode the model is in
-    assert low.lm_head.weight is low.tok_emb.weight  # still tied: one matrix, not two
-    assert low.tok_emb.weight.dtype == low.blocks[0].ff.fc.bias.dtype == torch.bfloat16
-    assert torch.equal(low.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.bfloat16())
-    # Norms and the position embedding are the model's own, shared, not copied.
-    assert low.final_norm.weight is model.final_norm.weight
-    assert low.pos_emb.weight is model.pos_emb.weight
-    assert sum(p.numel() for p in low.parameters()) == model.num_parameters()
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
-
-
-def test_low_precision_copy_is_kept_and_follows_the_models_weights():
-    from gpt2_lightning.generate import _COPIES, _copy_in
-
-    model = GPT(GPTConfig.from_name("tiny", num_layers=1))
-    low = _copy_in(model, torch.bfloat16)
-    with torch.no_grad():
-        model.blocks[0].ff.fc.weight.add_(1.0)  # e.g. a training step between two generate calls
-    again = _copy_in(model, torch.bfloat16)
-    assert again is low  # the same memory, refilled
-    assert torch.equal(again.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.bfloat16())
-    half = _copy_in(model, torch.float16)  # another dtype gets a copy of its own
-    assert _copy_in(model, torch.bfloat16) is low and _copy_in(model, torch.float16) is half
-    model.blocks[0].ff.fc.weight = torch.nn.Parameter(torch.zeros(512, 128))  # a new parameter
-    fresh = _copy_in(model, torch.bfloat16)
-    assert fresh is not low
-    assert torch.float16 not in _COPIES[model]  # the fp16 copy of the old parameter went with it
-    assert torch.equal(fresh.blocks[0].ff.fc.weight, torch.zeros(512, 128, dtype=torch.bfloat16))
-    model.final_norm.weight = torch.nn.Parameter(torch.full((128,), 2.0))  # shared, not converted
-    assert _copy_in(model, torch.bfloat16).final_norm.weight is model.final_norm.weight
-
-
-@pytest.mark.parametrize("missing", ["fbgemm", "avx2"])
-def test_fp16_copy_converts_the_weights_where_fbgemm_is_missing(monkeypatch, missing):
-    generate_module = sys.modules["gpt2_lightning.generate"]
-    if missing == "fbgemm":  # e.g. an Arm build of torch
-        monkeypatch.setattr(generate_module, "_fbgemm_fp16", lambda params: False)
-    else:  # an x86 CPU older than AVX2, which fbgemm refuses
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    model = GPT(GPTConfig.from_name("tiny", num_layers=1))
-    low = generate_module._copy_in(model, torch.float16)
-    assert low.lm_head.weight is low.tok_emb.weight
-    assert low.tok_emb.weight.dtype == low.blocks[0].ff.fc.bias.dtype == torch.float16
-    assert torch.equal(low.blocks[0].ff.fc.weight, model.blocks[0].ff.fc.weight.half())
-
-
-needs_fbgemm = pytest.mark.skipif(
-    "fbgemm" not in torch.backends.quantized.supported_engines,
-    reason="fbgemm's fp16 products exist on x86 builds of torch only",
-)
-
-
-@needs_fbgemm
-def test_fp16_copy_multiplies_the_rounded_weights_in_fp32_with_fbgemm():
-    from gpt2_lightning.generate import _copy_in, _FP16Linear
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name("tiny", num_layers=1))
-    low = _copy_in(model, torch.float16)
-    assert isinstance(low.lm_head, _FP16Linear) and isinstance(low.blocks[0].attn.qkv, _FP16Linear)
-    # Embeddings and norms are the model's own fp32 parameters, shared, not copied.
-    assert low.tok_emb.weight is model.tok_emb.weight
-    assert low.final_norm.weight is model.final_norm.weight
-    x = torch.randn(3, 1, 128)
-    pairs = [(low.lm_head, model.lm_head), (low.blocks[0].ff.fc, model.blocks[0].ff.fc)]
-    for ours, theirs in pairs:
-        rounded = theirs.weight.half().float()
-        expected = torch.nn.functional.linear(x, rounded, theirs.bias)
-        y = ours(x)
-        assert y.dtype == torch.float32 and y.shape == expected.shape
-        assert (y - expected).abs().max() < 1e-5  # fp32 products of the fp16-rounded weights
-        assert (y - theirs(x)).abs().max() > 1e-5  # ... which are not the fp32 weights
-
-
-@needs_fbgemm
-def test_fp16_copy_packs_again_only_what_changed_even_unseen_by_version_counters():
-    from gpt2_lightning.generate import _copy_in
-
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name("tiny", num_layers=2))
-    low = _copy_in(model, torch.float16)
-    packed = {name: m.packed for name, m in low.named_modules() if hasattr(m, "packed")}
-    fc = model.blocks[1].ff.fc
-    fc.weight.data.mul_(-1.0)  # through .data: the parameter's version counter does not move
-    fc.bias.data.add_(1.0)
-    assert _copy_in(model, torch.float16) is low
-    repacked = {name for name, m in low.named_modules() if hasattr(m, "packed")}
-    repacked = {name for name in repacked if low.get_submodule(name).packed is not packed[name]}
-    assert repacked == {"blocks.1.ff.fc"}
-    x = torch.randn(2, 1, 128)
-    expected = torch.nn.functional.linear(x, fc.weight.half().float(), fc.bias)
-    assert (low.blocks[1].ff.fc(x) - expected).abs().max() < 1e-5
-    # Decoding follows the new weights: the same ids as a fresh copy of the changed model.
-    idx = torch.randint(0, 50257, (1, 4))
-    fresh = GPT(model.cfg)
-    fresh.load_state_dict(model.state_dict())
-    assert torch.equal(
-        generate(model, idx, 6, temperature=0, dtype=torch.float16),
-        generate(fresh, idx, 6, temperature=0, dtype=torch.float16),
-    )
-
-
 def test_half_precision_steps_do_not_use_dropout():
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny", num_layers=2, dropout=0.5))  # left in training mode
@@ -433,21 +225,6 @@ def test_half_precision_steps_do_not_use_dropout():
         runs.append(generate(model, idx, 8, temperature=0, dtype=torch.bfloat16))
     assert torch.equal(runs[0], runs[1])
     assert model.training  # and the caller's model is back in its mode
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_copy_goes_with_its_model(dtype):
-    import gc
-
-    from gpt2_lightning.generate import _COPIES, _copy_in
-
-    model = GPT(GPTConfig.from_name("tiny", num_layers=1))
-    _copy_in(model, dtype)
-    assert model in _COPIES
-    before = len(_COPIES)
-    del model
-    gc.collect()
-    assert len(_COPIES) == before - 1  # the copy does not keep its model alive
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float64, "bfloat16"])
@@ -495,111 +272,6 @@ def test_a_tiny_temperature_is_greedy_not_nan(model):
 def test_bad_prompt_tensors_are_refused_before_any_step(model, idx, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(model, idx, 2, **kwargs)
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("device=meta", "device='meta' is not supported: use auto, cpu or cuda[:index]"),
-        ("seed=99999999999999999999", "seed=99999999999999999999 is invalid: must be an integer"),
-        ("prompt=1e3", "prompt=1000.0 is not text: quote it for Hydra"),
-        ("prompt=null", "prompt=None is not text"),
-    ],
-)
-def test_generate_cli_settings_fail_before_the_weights_load(override, message):
-    from hydra import compose, initialize_config_dir
-
-    from gpt2_lightning.generate import _run
-
-    conf = Path(__file__).parent.parent / "gpt2_lightning" / "conf"
-    with initialize_config_dir(str(conf), version_base=None):
-        cfg = compose("generate", overrides=["checkpoint=/nonexistent.ckpt", override])
-    with pytest.raises(ValueError) as error:
-        _run(cfg)  # the checkpoint does not exist: the setting must be refused first
-    assert str(error.value).startswith(message)
-
-
-def test_generate_cli_stops_on_an_id_the_tokenizer_lacks(tmp_path, capsys):
-    from hydra import compose, initialize_config_dir
-
-    from gpt2_lightning.generate import _run
-
-    torch.manual_seed(0)
-    padded = GPT(
-        GPTConfig(vocab_size=50304, context_length=16, emb_dim=16, num_layers=1, num_heads=2)
-    )
-    with torch.no_grad():  # every greedy step picks 50300 or 50301: padding ids
-        direction = torch.randn(16)
-        padded.tok_emb.weight.zero_()
-        padded.tok_emb.weight[50300], padded.tok_emb.weight[50301] = direction, -direction
-    state = {f"model.{k}": v for k, v in padded.state_dict().items()}
-    ckpt = tmp_path / "padded.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": {"model": padded.cfg.to_dict()}}, ckpt)
-    conf = Path(__file__).parent.parent / "gpt2_lightning" / "conf"
-    with initialize_config_dir(str(conf), version_base=None):
-        cfg = compose("generate", overrides=[f"checkpoint={ckpt}", "temperature=0"])
-    with pytest.raises(ValueError, match=r"the model sampled id 5030[01], which the GPT-2 tok"):
-        _run(cfg)
-
-
-@pytest.mark.parametrize(
-    ("arg", "message"),
-    [
-        ("top_kk=5", "top_kk=5: the config has no key 'top_kk' (it has: checkpoint, prompt, "),
-        ("prompt=Hello, world", "'prompt=Hello, world' is a list of values to Hydra (a sweep)"),
-        ("prompt=it's", '"prompt=it\'s" is not an override Hydra can read'),
-        ("prompt=héllo", "'prompt=héllo' is not an override Hydra can read"),
-        ("+foo=1", "'+foo=1': generate takes only its own keys (checkpoint, prompt, "),
-        ("~top_k", "'~top_k': generate takes only its own keys"),
-        ("-m", "generate runs once: -m/--multirun is for train's sweeps"),
-    ],
-)
-def test_generate_command_line_mistakes_are_one_line(arg, message):
-    from gpt2_lightning.cli import check_generate_command
-
-    with pytest.raises(ValueError) as error:
-        check_generate_command(["checkpoint=tiny.ckpt", arg])
-    assert str(error.value).startswith(message)
-    assert "\n" not in str(error.value)
-    check_generate_command(["checkpoint=tiny.ckpt", "'prompt=\"Hello, world\"'".strip("'")])
-
-
-def test_generate_cli_unknown_key_exits_with_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "gpt2_lightning.generate", "top_kk=5"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: top_kk=5: the config has no key 'top_kk'")
-    assert result.stderr.count("\n") == 1 and result.stdout == ""
-
-
-def test_generate_cli_stops_quietly_when_the_reader_goes_away(tmp_path):
-    model = GPT(
-        GPTConfig(vocab_size=50257, context_length=64, emb_dim=16, num_layers=1, num_heads=2)
-    )
-    model.save_pretrained(tmp_path / "tiny-hf")
-    # `generate ... | head -c 0`: the pipe is closed long before the first token (imports alone
-    # take a second), so every write fails with EPIPE
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gpt2_lightning.generate",
-            "checkpoint=tiny-hf",
-            "max_new_tokens=50",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    process.stdout.close()
-    stderr = process.stderr.read()
-    assert process.wait(timeout=120) == 1
-    assert stderr == ""  # was "error: [Errno 32] Broken pipe"
 
 
 def test_numpy_numbers_are_accepted_and_a_tensor_eos_id_is_named():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import math
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 
 from gpt2_lightning import GPT, GPTConfig, KVCache
 from gpt2_lightning import model as model_module
-from gpt2_lightning.model import LayerNorm, Linear, RMSNorm, split_linear
+from gpt2_lightning.model import LayerNorm, RMSNorm
 
 # Parameter counts of the released GPT-2 models (lm_head tied to the token embedding).
 PARAMETER_COUNTS = {
@@ -149,20 +151,6 @@ def test_a_config_changed_after_creation_is_checked_again_by_the_model():
         GPT(cfg)
 
 
-def test_a_matrix_with_fewer_rows_than_threads_takes_the_plain_path():
-    from gpt2_lightning.model import Linear
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        torch.manual_seed(0)
-        linear = Linear(1 << 15, 3)  # 3 output rows: no slice of rows for each of 4 threads
-        x = torch.randn(1, 1 << 15)
-        assert torch.allclose(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_ids_without_a_batch_dimension_are_refused():
     with pytest.raises(
         ValueError, match=r"idx of shape \(5,\) is invalid: must be \(batch, tokens\)"
@@ -243,21 +231,6 @@ def test_left_padding_with_kv_cache_matches_the_prompt_alone():
     assert (step[0, -1] - alone[0, -1]).abs().max().item() < 1e-5
 
 
-def test_from_checkpoint_round_trip(tmp_path):
-    model = small_model(norm="rmsnorm")
-    checkpoint = {
-        "hyper_parameters": {"model": model.cfg.to_dict()},
-        "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-    }
-    path = tmp_path / "last.ckpt"
-    torch.save(checkpoint, path)
-    loaded = GPT.from_checkpoint(path).eval()
-    assert loaded.cfg == model.cfg
-    idx = torch.randint(0, model.cfg.vocab_size, (2, 10))
-    with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
-
-
 def test_last_only_gives_the_last_positions_logits():
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("tiny", num_layers=2)).eval()
@@ -265,92 +238,6 @@ def test_last_only_gives_the_last_positions_logits():
     last = model(idx, last_only=True)
     assert last.shape == (2, 1, 50257)
     assert (last[:, 0] - model(idx)[:, -1]).abs().max().item() < 1e-5
-
-
-# divisible by the parts, and with a remainder; the last two are wide (the head's orientation)
-@pytest.mark.parametrize("out_features", [12, 13, 128, 129])
-@pytest.mark.parametrize("parts", [2, 3])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("lead", [(1, 1), (2, 1), (3,)])  # a decode step, batch 2, plain rows
-def test_split_linear_equals_linear(out_features, parts, bias, lead):
-    torch.manual_seed(0)
-    weight, x = torch.randn(out_features, 8), torch.randn(*lead, 8)
-    b = torch.randn(out_features) if bias else None
-    y = split_linear(x, weight, b, parts)
-    assert y.shape == (*lead, out_features)
-    torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-6)
-
-
-def test_linear_splits_only_few_fp32_rows_of_a_large_weight(monkeypatch):
-    calls = []
-    monkeypatch.setattr(
-        model_module, "split_linear", lambda *args: calls.append(args) or F.linear(*args[:3])
-    )
-    monkeypatch.setattr(model_module, "SPLIT_MIN_WEIGHTS", 64)
-    monkeypatch.setattr(model_module, "splits_few_rows", lambda: True)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    layer, small = Linear(8, 16), Linear(4, 4)
-    limit = model_module.SPLIT_MAX_ROWS
-    for x in (torch.randn(1, 1, 8), torch.randn(limit, 8)):  # a decode step; the most rows
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    assert [args[0].shape for args in calls] == [(1, 1, 8), (limit, 8)] and calls[0][3] == 2
-    layer(torch.randn(limit + 1, 8))  # more rows: the plain product
-    layer.double()(torch.randn(1, 8, dtype=torch.float64))  # not fp32
-    small(torch.randn(1, 4))  # a weight that sits in cache
-    assert len(calls) == 2
-
-
-@pytest.mark.parametrize(
-    ("cpuinfo", "vendor", "splits"),
-    [
-        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n", "AuthenticAMD", True),
-        ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", "GenuineIntel", False),
-        ("processor\t: 0\nBogoMIPS\t: 50.00\n", "", False),  # an Arm board names no vendor_id
-        (None, "", False),  # no /proc/cpuinfo: not Linux
-    ],
-)
-def test_few_rows_are_split_on_amd_cpus_only(monkeypatch, tmp_path, cpuinfo, vendor, splits):
-    real_path = model_module.Path
-    fake = tmp_path / "cpuinfo"
-    if cpuinfo is not None:
-        fake.write_text(cpuinfo)
-
-    def path(name):
-        return fake if name == "/proc/cpuinfo" else real_path(name)
-
-    monkeypatch.setattr(model_module, "Path", path)
-    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
-    model_module.splits_few_rows.cache_clear()
-    try:
-        assert model_module.cpu_vendor() == vendor
-        assert model_module.splits_few_rows() is splits
-        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)  # e.g. OpenBLAS
-        model_module.splits_few_rows.cache_clear()
-        assert model_module.splits_few_rows() is False
-    finally:
-        model_module.splits_few_rows.cache_clear()  # the next caller reads the real machine
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_linear_with_half_weights_multiplies_in_half_and_answers_in_the_input_dtype(dtype):
-    torch.manual_seed(0)
-    layer = Linear(8, 16)
-    x = torch.randn(2, 1, 8)
-    expected = F.linear(x.to(dtype), layer.weight.to(dtype), layer.bias.to(dtype)).float()
-    layer.to(dtype)
-    y = layer(x)
-    assert y.dtype == torch.float32
-    assert torch.equal(y, expected)  # the product ran in dtype: the same rounding
-    assert (y - x @ layer.weight.float().T - layer.bias.float()).abs().max() > 0
-
-
-def test_linear_leaves_autocast_inputs_to_autocast():
-    layer = Linear(8, 16)  # fp32 weights
-    x = torch.randn(2, 8).bfloat16()  # what autocast hands on after a bf16 op
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    with pytest.raises(RuntimeError):  # outside autocast a mismatch stays an error, as in F.linear
-        layer(x)
 
 
 @pytest.mark.parametrize(
@@ -364,3 +251,12 @@ def test_config_refuses_values_of_the_wrong_type(field, value, message):
     with pytest.raises(ValueError) as error:
         GPTConfig(**{**GPTConfig.from_name("tiny").to_dict(), field: value})
     assert str(error.value) == message
+
+
+def test_the_model_imports_only_torch_and_the_standard_library():
+    nodes = list(ast.walk(ast.parse(Path(model_module.__file__).read_text())))
+    names = [a.name for node in nodes if isinstance(node, ast.Import) for a in node.names]
+    names += [node.module for node in nodes if isinstance(node, ast.ImportFrom)]
+    assert {name.split(".")[0] for name in names} == {"__future__", "dataclasses", "math", "torch"}
+    linears = {type(m) for m in small_model().modules() if isinstance(m, torch.nn.Linear)}
+    assert linears == {torch.nn.Linear}  # the plain layer: CPU speed-ups live in fast_decode

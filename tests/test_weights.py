@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import save_training_checkpoint
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from gpt2_lightning import GPT, GPTConfig, weights
@@ -355,18 +357,18 @@ def test_pretrained_example_generates_from_a_local_folder(tmp_path: Path) -> Non
 def test_a_file_that_is_not_a_training_checkpoint_gets_a_reason(tmp_path):
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(WeightsError, match=r"is not a checkpoint .* \(not a PyTorch file\)$"):
+    with pytest.raises(WeightsError, match=r"checkpoint=.* \(not a PyTorch file\)$"):
         weights.load_checkpoint(text)
     other = tmp_path / "other.ckpt"
     torch.save({"weights": torch.zeros(2)}, other)  # a PyTorch file, but not from training
-    with pytest.raises(WeightsError, match=r"is not a checkpoint .* \(KeyError: "):
+    with pytest.raises(WeightsError, match=r"\(no hyper_parameters.model and state_dict in it\)"):
         weights.load_checkpoint(other)
 
 
 def test_a_checkpoint_holding_other_objects_gets_a_reason(tmp_path):
     tensor = tmp_path / "tensor.ckpt"
     torch.save(torch.zeros(3), tensor)  # a tensor, not a dict (was an IndexError traceback)
-    with pytest.raises(WeightsError, match=r"is not a checkpoint .* \(IndexError: "):
+    with pytest.raises(WeightsError, match=r"\(no hyper_parameters.model and state_dict in it\)"):
         weights.load_checkpoint(tensor)
     namespace = tmp_path / "namespace.ckpt"
     torch.save({"args": __import__("argparse").Namespace(a=1)}, namespace)
@@ -447,9 +449,60 @@ def test_export_errors_name_the_target_and_the_folder_is_not_private(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(WeightsError, match=r"^cannot write '.*afile/sub': "):
         weights._export(str(ckpt), str(tmp_path / "afile" / "sub"), force=False)
-    with pytest.raises(WeightsError, match=r"is a folder: pass a .ckpt file"):
+    with pytest.raises(WeightsError, match=r"is a folder: give a .ckpt file in it, e.g. .*last"):
         weights._export(str(tmp_path), str(tmp_path / "out"), force=False)
     weights._export(str(ckpt), str(tmp_path / "hf"), force=False)
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's is 0700
+
+
+def test_from_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=16, emb_dim=32, num_layers=2, num_heads=4)
+    model = GPT(GPTConfig(**{**cfg.to_dict(), "norm": "rmsnorm"})).eval()  # beyond HF's GPT-2
+    save_training_checkpoint(model, tmp_path / "last.ckpt")
+    loaded = GPT.from_checkpoint(tmp_path / "last.ckpt").eval()
+    assert loaded.cfg == model.cfg
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    idx = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_read_checkpoint_names_the_key_and_says_what_to_give(tmp_path):
+    run = tmp_path / "checkpoints"
+    run.mkdir()
+    with pytest.raises(WeightsError) as error:
+        weights.read_checkpoint(run, key="ckpt_path")
+    assert str(error.value) == (
+        f"ckpt_path={str(run)!r} is a folder: give a .ckpt file in it, e.g. {run / 'last.ckpt'}"
+    )
+    with pytest.raises(WeightsError) as error:
+        weights.read_checkpoint(run / "last.ckpt", key="ckpt_path")
+    assert str(error.value) == (
+        f"ckpt_path={str(run / 'last.ckpt')!r} does not exist: give a .ckpt written by a "
+        "training run, e.g. outputs/<date>/<time>/checkpoints/last.ckpt"
+    )
+    with zipfile.ZipFile(run / "notes.ckpt", "w") as archive:  # a zip, but not torch.save's
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(WeightsError, match=r"^init_from=.* is not a readable Lightning .*\(Run"):
+        weights.read_checkpoint(run / "notes.ckpt", key="init_from")
+
+
+def test_read_checkpoint_gives_the_dict_and_load_checkpoint_names_a_model_that_does_not_fit(
+    tmp_path,
+):
+    model = GPT(GPTConfig(vocab_size=64, context_length=8, emb_dim=16, num_layers=1, num_heads=2))
+    save_training_checkpoint(model, tmp_path / "last.ckpt")
+    ckpt = weights.read_checkpoint(tmp_path / "last.ckpt")
+    assert ckpt["hyper_parameters"]["model"] == model.cfg.to_dict()
+    assert torch.equal(ckpt["state_dict"]["model.tok_emb.weight"], model.tok_emb.weight)
+    ckpt["hyper_parameters"]["model"]["num_layers"] = 2  # the weights hold one layer
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(WeightsError, match=r"holds a model that GPT cannot load \(RuntimeError: "):
+        weights.load_checkpoint(tmp_path / "other.ckpt")
+    ckpt["hyper_parameters"]["model"] = {"layers": 2}  # not GPTConfig's fields
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(WeightsError, match=r"holds a model that GPT cannot load \(TypeError: "):
+        weights.load_checkpoint(tmp_path / "other.ckpt")
