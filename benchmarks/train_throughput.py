@@ -36,9 +36,9 @@ from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.utilities import disable_possible_user_warnings
 from torch.utils.data import DataLoader, TensorDataset
 
+from gpt2_lightning.callbacks import keep_freed_memory
 from gpt2_lightning.model import ALIASES, GPT, SIZES, GPTConfig
 from gpt2_lightning.module import GPTLightningModule
-from gpt2_lightning.train import keep_freed_memory
 from gpt2_lightning.weights import config_to_hf, state_to_hf
 
 PLAIN = "ours: plain loop"
@@ -232,7 +232,7 @@ def flops_per_step(cfg: GPTConfig, batch: int, seq: int) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    keep_freed_memory()  # as train.py does: the large logits are not unmapped after every step
+    keep_freed_memory()  # as training does: the large logits are not unmapped after every step
     disable_possible_user_warnings()  # e.g. "the dataloader has few workers": beside the point
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # "GPU available: ..."
     # Lightning 2.6 uses torch's deprecated LeafSpec inside fit: a warning that is not ours.

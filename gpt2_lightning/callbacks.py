@@ -1,9 +1,13 @@
-"""The few callbacks Lightning lacks: text samples, RNG state for exact resume, a final last.ckpt,
-and tokens/s in the progress bar."""
+"""What Lightning lacks: text samples, RNG state for exact resume, a final last.ckpt, Ctrl-C as a
+stop after the step, tokens/s in the progress bar, glibc's allocator kept warm, the run summary."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +15,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt2_lightning.files import atomic_file
 from gpt2_lightning.tokenizer import get_tokenizer
@@ -226,3 +232,156 @@ class ProgressBar(TQDMProgressBar):
         if per_device is not None:
             items["tok/s"] = f"{float(per_device) * trainer.world_size:,.0f}"
         return items
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning each large block to the OS.
+
+    Every step allocates and frees the (B, T, 50257) logits and their gradient, hundreds of MB;
+    by default glibc maps such blocks fresh and unmaps them on free, so each step pays page faults
+    on all of it (see docs/performance.md). Same as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_;
+    a no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, ctypes.c_int(2**31 - 1))
+    libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+
+
+class KeepFreedMemory(L.Callback):
+    """keep_freed_memory() in every process that trains (DDP ranks too)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        keep_freed_memory()
+
+
+class StopOnCtrlC(L.Callback):
+    """The first Ctrl-C stops training as SIGTERM does: after the current step, with last.ckpt
+    saved. A KeyboardInterrupt comes in the middle of a step, and the checkpoint Lightning saves
+    for it has a data loader one batch ahead of its weights. A second Ctrl-C interrupts at once.
+
+    One process only: every rank of a DDP run gets the Ctrl-C, and two SIGTERMs on a rank left
+    the ranks waiting on each other (tried here); there Ctrl-C stays Lightning's.
+    Also says, after any SIGTERM, where to resume from; exit_code is what the process should end
+    with (128 + the signal, as a shell reports it).
+    """
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (signal.SIGINT if self.pressed else signal.SIGTERM)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size == 1 and self._previous is None:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # Lightning is not running a stage (tokenizing, ...)
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one interrupts
+        print("\nCtrl-C: stopping after this step (again to stop at once)", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)  # to Lightning's SIGTERM handler, as a scheduler's
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException) or not trainer.is_global_zero:
+            return
+        how = "Ctrl-C" if self.pressed else "SIGTERM"
+        if trainer.global_step == 0:
+            hint = "before the first step: nothing to resume, run the command again"
+        else:
+            hint = (
+                f"at step {trainer.global_step}: resume with ckpt_path={last_checkpoint(trainer)}"
+            )
+        print(f"stopped by {how} {hint}", file=sys.stderr)
+
+
+def last_checkpoint(trainer: L.Trainer) -> Path | None:
+    """Where the run's last.ckpt goes (None without a checkpoint callback)."""
+    callback = trainer.checkpoint_callback
+    return Path(callback.dirpath) / "last.ckpt" if callback and callback.dirpath else None
+
+
+def validate_final_step(
+    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule
+) -> int:
+    """Validate the final weights if fit did not end with a validation (max_steps not a multiple
+    of val_check_interval), so the summary, the curve and a sweep's objective end at the last
+    step; the number of steps trained.
+
+    After fit, not inside it: asking fit to stop early (should_stop) also ends the epoch, and a
+    resumed run would start the next one. The point is plotted at steps - 1, where Lightning plots
+    a validation after a step inside fit (ddp_spawn, which starts its processes again with this
+    trainer's counts, would plot it at 0).
+    """
+    # From callback_metrics (GPTLightningModule.on_train_end): under ddp_spawn fit ran in other
+    # processes, and this trainer's own step count is still 0.
+    steps = int(trainer.callback_metrics.get("fit/global_step", trainer.global_step))
+    validated = int(trainer.callback_metrics.get("fit/validated_at_step", -1))
+    if validated != steps and not trainer.interrupted:
+        trainer.fit_loop.epoch_loop._batches_that_stepped = steps - 1
+        trainer.validate(module, datamodule, verbose=False)
+    return steps
+
+
+class RunSummary:
+    """What a run prints at its end: a sample, the steps, the val loss, where the files are."""
+
+    def __init__(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        seed: int,
+        resumed_at: int = 0,
+    ):
+        from gpt2_lightning.generate import check_sampling
+
+        try:
+            check_sampling(max_new_tokens, temperature, top_k)  # now, not after training
+        except ValueError as error:
+            raise ValueError(f"sample.{error}") from None
+        self.sample = dict(
+            prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k
+        )
+        self.seed = seed
+        self.resumed_at = resumed_at
+
+    def report(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        steps: int,
+        first_val: float | None,
+        seconds: float,
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        last = last_checkpoint(trainer)
+        if shards_weights(trainer.strategy):  # rank 0 holds a shard: it cannot sample alone
+            text = f"(skipped: run python -m gpt2_lightning.generate checkpoint={last})"
+        else:
+            text = sample_text(module.model, **self.sample, seed=self.seed)
+        val = float(trainer.callback_metrics.get("val/loss", float("nan")))
+        since = f"{first_val:.3f} -> " if first_val is not None else ""
+        resumed = f" ({steps - self.resumed_at} in this run)" if self.resumed_at else ""
+        print(f"\n--- sample (prompt {self.sample['prompt']!r}) ---\n{text}\n---")
+        print(f"steps:      {steps}{resumed} in {seconds:.0f} s")
+        print(f"val loss:   {since}{val:.3f}")
+        print(f"checkpoint: {last if last and last.is_file() else '(none written)'}")
+        if any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
+            print(f"tensorboard --logdir {Path(trainer.default_root_dir)}")

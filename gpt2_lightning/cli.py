@@ -1,29 +1,92 @@
-"""What the two Hydra entry points (train, generate) share: the command line read and composed
-once with Hydra's own parser and compose API before Hydra starts, so that a mistake in it gets one
-line (Hydra's own messages take several), and errors printed on one line."""
+"""What the Hydra entry points (train, generate) share: expected errors as one line (the
+`one_line_errors` decorator), and the command line checked before Hydra starts, with Hydra's own
+parser and compose API, so that a mistake in it gets one line (Hydra's messages take several)."""
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
-from hydra.errors import HydraException
+from hydra.core.override_parser.types import Override, ValueType
+from hydra.errors import CompactHydraException, HydraException, InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from gpt2_lightning.weights import WeightsError
 
 CONF = Path(__file__).parent / "conf"
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 HYDRA = ("defaults", "hydra")  # a config's keys that are Hydra's, not the program's
 
 
+EXPECTED = (ValueError, OSError, WeightsError, OmegaConfBaseException)
+
+
 def one_line(error: BaseException) -> str:
     """OmegaConf's messages add `full_key: ...` and `object_type=...` lines: keep the key."""
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
     key = getattr(error, "full_key", None)
+    if isinstance(error, MissingMandatoryValue) and key:
+        return f"{key} is required here: set it on the command line, {key}=..."
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
     return f"{first} (at {key})" if isinstance(error, OmegaConfBaseException) and key else first
+
+
+def user_error(error: BaseException) -> tuple[str, BaseException] | None:
+    """The config node and the mistake behind an error, or None for a bug. instantiate wraps what
+    a constructor raised; what lightning.Trainer refuses in its arguments is the user's too."""
+    node = ""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        found = re.search(r"full_key: (\S+)", str(error))
+        node = found.group(1) if found else node
+        error = error.__cause__
+        if node == "trainer" and isinstance(error, Exception):
+            return node, error
+    return (node, error) if isinstance(error, EXPECTED) else None
+
+
+class JobConfigError(CompactHydraException):
+    """A config mistake inside a multirun job; Hydra prints it as its message alone."""
+
+
+def one_line_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Decorates a Hydra task: an expected mistake ends the process with `error: <one line>` and
+    exit 1 instead of Hydra's traceback (HYDRA_FULL_ERROR=1 shows it); in a multirun it fails that
+    job only (Optuna marks the trial FAIL and goes on). Ctrl-C outside a step ends with exit 130,
+    a reader that closed the pipe (`| head`) quietly."""
+
+    @functools.wraps(task)
+    def run(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(130)
+        except BrokenPipeError:  # Python's recipe: stdout to devnull, or the flush at exit fails
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        except (*EXPECTED, InstantiationException) as error:
+            found = user_error(error)
+            if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            node, cause = found
+            line = one_line(cause)
+            if node and not isinstance(cause, ValueError):  # ours name their keys; others not
+                line = f"{node}: {line}"
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise JobConfigError(f"error: {line}") from None
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(1)
+
+    return run
 
 
 def parse(text: str) -> Override:
@@ -120,3 +183,84 @@ def check_generate_command(args: list[str]) -> None:
         raise ValueError(composition_error("generate", error, args, {}, can_add=False)) from None
     except Exception:
         return  # Hydra's own report will say what is wrong
+
+
+def check_command_line(name: str, args: list[str]) -> None:
+    """Exit with one line, before Hydra makes a run folder or starts a sweep, on a command line it
+    would refuse in several: an override it cannot read, an option conf/ lacks, a key the config
+    lacks. A sweep is composed with the first value of each swept key. Flags (--cfg, --help,
+    --config-dir, ...) are Hydra's; what only a job can judge is the job's."""
+    try:
+        if name == "generate":
+            check_generate_command(args)
+        elif not any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+            check_config_choices(args)
+            _compose_first_values(name, [a for a in args if not a.startswith("-")])
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+
+def check_config_choices(args: list[str]) -> None:
+    """An option of a config group that conf/ lacks (model=125M, -m model=tiny,7B), with the valid
+    ones; Hydra's own message for it is a dozen lines. Config folders added with
+    hydra.searchpath may hold more options: skipped then."""
+    texts = [a for a in args if "=" in a]
+    if any(a.startswith("hydra.searchpath") for a in texts):
+        return
+    for override in map(parse, texts):
+        group = CONF / override.key_or_group
+        if not group.is_dir() or override.is_delete():
+            continue
+        if override.is_sweep_override():
+            if override.value_type != ValueType.SIMPLE_CHOICE_SWEEP:
+                continue  # choice(), glob(), range(): left to Hydra
+            values = [v for v in override.sweep_string_iterator() if not v.startswith("[")]
+        else:
+            value = override.value()  # one option, or a list of them (logger=[tensorboard,csv])
+            values = value if isinstance(value, list) else [value]
+        name = override.key_or_group
+        options = ", ".join(sorted((f.stem for f in group.glob("*.yaml")), key=_natural_order))
+        for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue  # model=${oc.env:SIZE}: Hydra resolves it
+            if value is None:
+                raise ValueError(f"{name}=null is not an option: valid are {options}, or ~{name}")
+            if not (group / f"{str(value).removesuffix('.yaml')}.yaml").is_file():
+                raise ValueError(f"{name}={value} is unknown: valid are {options}")
+
+
+def _natural_order(name: str) -> tuple[int, str]:
+    """124M before 355M before 1558M, then names without a number."""
+    number = re.match(r"\d+", name)
+    return (int(number.group()) if number else 1 << 62, name)
+
+
+def _compose_first_values(name: str, texts: list[str]) -> None:
+    """Compose the overrides, a sweep with its first values (x=a,b as x=a); a swept key that
+    compose cannot take (range(), interval()) must exist in the composed config."""
+    fixed, given, swept = [], {}, {}
+    for text in texts:
+        override = parse(text)
+        if not override.is_sweep_override():
+            fixed.append(text)
+        elif override.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+            first = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
+            fixed.append(first)
+            given[first] = text
+        else:
+            swept[override.key_or_group] = override
+    try:
+        cfg = compose_config(name, fixed)
+    except HydraException as error:
+        raise ValueError(composition_error(name, error, fixed, given)) from None
+    except Exception:
+        return  # Hydra's own report will say what is wrong
+    for key, override in swept.items():
+        if override.get_key_element().startswith("+") or key.startswith("hydra") or "/" in key:
+            continue
+        try:
+            missing = OmegaConf.select(cfg, key, default=KeyError) is KeyError
+        except OmegaConfBaseException:
+            return
+        if missing:
+            raise ValueError(unknown_key(name, key, override.input_line, fixed))

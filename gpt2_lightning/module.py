@@ -13,6 +13,8 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from gpt2_lightning.model import GPT, GPTConfig
+from gpt2_lightning.tokenizer import get_tokenizer
+from gpt2_lightning.weights import load_weights
 
 
 class WarmupCosine:
@@ -121,11 +123,26 @@ class GPTLightningModule(L.LightningModule):
         optimizer: dict[str, Any],
         scheduler: dict[str, Any],
         compile: bool = False,
+        init_from: str | None = None,
     ):
         super().__init__()
         check_optimization(optimizer, scheduler)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} is invalid: use true or false")
+        pretrained = None
+        if init_from is not None:
+            # Fine-tuning: the architecture comes from the weights, only dropout is this run's;
+            # the checkpoints record it (GPT.from_checkpoint and a resume read it from there).
+            pretrained = load_weights(str(init_from))
+            model = {**pretrained.cfg.to_dict(), "dropout": model.get("dropout", 0.0)}
+        try:
+            cfg = GPTConfig(**model)
+        except (TypeError, ValueError) as error:  # named as on the command line
+            raise ValueError(f"model.{error}") from None
         self.save_hyperparameters()
-        self.model = GPT(GPTConfig(**model))
+        self.model = GPT(cfg)
+        if pretrained is not None:
+            self.model.load_state_dict(pretrained.state_dict())
         if compile:
             # In place, so parameter names (and checkpoints) are the same as without compile.
             self.model.compile()
@@ -157,6 +174,16 @@ class GPTLightningModule(L.LightningModule):
         self.validated_at_step = self.global_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Before Lightning loads the weights: another architecture would be a size mismatch
+        # traceback. Dropout may differ (a resumed run may change it).
+        for key, value in checkpoint["hyper_parameters"]["model"].items():
+            ours = self.hparams.model.get(key)
+            if key != "dropout" and ours != value:
+                raise ValueError(
+                    f"ckpt_path holds a model with {key}={value!r}, not model.{key}={ours!r}: "
+                    "resume with the run's model settings, or start a new run from its weights "
+                    "with init_from=<the .ckpt>"
+                )
         # The schedule is this run's config, and only the step count comes from the checkpoint:
         # LambdaLR would restore its multiplier's attributes (total_steps, warmup_steps), so a
         # run resumed with a larger trainer.max_steps would stay on the old, finished curve.
@@ -199,6 +226,18 @@ class GPTLightningModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
+        vocab = get_tokenizer().n_vocab  # the data's ids: an IndexError in the first step else
+        if self.model.cfg.vocab_size < vocab:
+            raise ValueError(
+                f"model.vocab_size={self.model.cfg.vocab_size} is too small for the GPT-2 "
+                f"tokenizer's {vocab} ids: use >= {vocab}"
+            )
+        if datamodule.context_length > self.model.cfg.context_length:
+            raise ValueError(
+                f"data.context_length={datamodule.context_length} is longer than "
+                f"model.context_length={self.model.cfg.context_length}: windows must fit the "
+                "model (data's follows the model's by default)"
+            )
         with torch.device("meta"):
             model = GPT(self.model.cfg)
             x = torch.zeros(datamodule.batch_size, datamodule.context_length, dtype=torch.long)

@@ -1,4 +1,5 @@
-"""Shared helpers: run the real command lines in a subprocess, with tiny shapes."""
+"""Shared helpers: run the real command lines in a subprocess with tiny shapes, write small
+corpora and checkpoints, read a run's TensorBoard logs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +73,34 @@ def run_train(tmp_path, token_cache):
         return run_module("gpt2_lightning.train", *args, cwd=tmp_path)
 
     return run
+
+
+TEXT = "\n".join(
+    f"Line {i}: the quick brown fox jumps over the lazy dog, and the dog sleeps on."
+    for i in range(30)
+)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def save_training_checkpoint(model, path: Path) -> None:
+    """The layout gpt2_lightning.train writes: hyperparameters plus the module's state dict."""
+    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    torch.save({"hyper_parameters": {"model": model.cfg.to_dict()}, "state_dict": state}, path)
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the run's TensorBoard logs, as {tag: {step: value}}."""
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def text_samples(run_dir: Path) -> list[str]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    return [e.tensor_proto.string_val[0].decode() for e in events.Tensors("sample/text_summary")]

@@ -13,14 +13,12 @@ import pytest
 import torch
 from conftest import ROOT, run_module
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from gpt2_lightning.train import (
-    check_checkpoint,
-    check_config_choices,
-    check_model,
-    check_overrides,
-    check_settings,
-)
+from gpt2_lightning.cli import check_command_line
+from gpt2_lightning.module import GPTLightningModule
+from gpt2_lightning.train import check_run
+from gpt2_lightning.weights import WeightsError, read_checkpoint
 
 
 def output(result: subprocess.CompletedProcess) -> str:
@@ -70,6 +68,15 @@ def test_unknown_key_lists_the_keys_there_are(run_train, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before Hydra made the run folder
 
 
+def refusal(args: list[str]) -> str | None:
+    """What the check before Hydra says of a train command line, or None if it lets it through."""
+    try:
+        check_command_line("train", args)
+    except SystemExit as stop:
+        return str(stop.code)
+    return None
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -82,20 +89,12 @@ def test_unknown_key_lists_the_keys_there_are(run_train, tmp_path):
         (["seed.x=1"], "seed.x=1: seed is 1337, which has no keys"),
         (["model.nope=1", "trainer.nope=2"], "model.nope=1: the config has no key 'model.nope'"),
         (["optimizer.betas.5=1"], "Error merging override optimizer.betas.5=1 (list index out"),
-        # a mistake every job of a sweep would make is refused before the first one
-        (["-m", "seed=1,2", "trainer.max_steps=abc"], "trainer.max_steps='abc' is invalid"),
-        (["-m", "seed=1,2", "data.path=missing.txt"], "data.path='missing.txt' does not exist"),
-        (["-m", "seed=1,2", "data.batch_size=0"], "data.batch_size=0 is invalid"),
-        (["-m", "seed=1,2", "model.num_heads=5"], "model.emb_dim=128 is not divisible by"),
-        # the command line pins a key of the Optuna search space to one value for every trial
-        (["hparams_search=optuna", "data.batch_size=0"], "data.batch_size=0 is invalid"),
     ],
 )
 def test_command_line_is_checked_before_hydra_starts(args, message):
-    with pytest.raises(ValueError) as error:
-        check_overrides(args)
-    assert str(error.value).startswith(message)
-    assert "\n" not in str(error.value)
+    line = refusal(args)
+    assert line is not None and line.startswith(f"error: {message}")
+    assert "\n" not in line
 
 
 @pytest.mark.parametrize(
@@ -104,20 +103,19 @@ def test_command_line_is_checked_before_hydra_starts(args, message):
         ["model=tiny", "seed=3", "+trainer.detect_anomaly=true"],
         ["-m", "model=tiny,124M", "optimizer.lr=range(1,3)", "+foo=1,2"],
         ["hparams_search=optuna", "hydra.sweeper.n_trials=2"],
-        # mistakes that involve a swept key are each job's: other options may be valid
+        # values are checked by the jobs, where the classes that use them are built
+        ["-m", "seed=1,2", "data.batch_size=0"],
         ["-m", "data.batch_size=0,4"],
         ["-m", "model.emb_dim=60,64", "model.num_heads=8"],
         ["-m", "model.context_length=16,64", "data.context_length=32"],
         ["-m", "data=text,default"],
         ["hparams_search=optuna", "data.batch_size=choice(0,4)"],
-        ["-m", "model.num_heads=3,4"],  # GPTConfig's message says num_heads, not model.*
         ["-m", "+bs=0,8", "data.batch_size=${bs}"],
         # flags are Hydra's: --cfg job prints the config even when it lacks data.path
         ["--cfg", "job", "data=text"],
         # what only Hydra's run can resolve or report is left to it
         ["hydra.job.chdir=true", "data.path=${hydra:runtime.cwd}/corpus.txt"],
         ["data.cache_dir=${run_dir}/tokens"],
-        ["hydra.job.chdir=true", "data.path=corpus.txt"],  # relative to the run folder
         ["model.emb_dim=${nope}"],
         ["~seed"],
         ["sample=null"],
@@ -126,13 +124,24 @@ def test_command_line_is_checked_before_hydra_starts(args, message):
     ],
 )
 def test_command_line_that_jobs_may_run_passes(args):
-    refusal = None
-    try:
-        check_config_choices(args)
-        check_overrides(args)
-    except ValueError as error:
-        refusal = str(error)
-    assert refusal is None  # Hydra and the jobs may run it: the pre-check must let it through
+    assert refusal(args) is None  # Hydra and the jobs may run it: the pre-check lets it through
+
+
+def test_a_mistake_every_job_makes_ends_the_sweep_in_one_line(tmp_path, token_cache):
+    result = run_module(
+        "gpt2_lightning.train",
+        "-m",
+        "seed=1,2",
+        "data.batch_size=0",
+        f"data.cache_dir={token_cache}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in output(result)
+    errors = [line for line in output(result).splitlines() if line.startswith("error:")]
+    assert errors == ["error: data.batch_size=0 is invalid: must be a positive integer"]
+    assert not list((tmp_path / "sweep").rglob("*.ckpt"))  # each job failed before its first step
 
 
 def test_interpolation_error_is_one_line_naming_the_key(run_train):
@@ -181,68 +190,82 @@ def compose_train(*overrides: str):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("compile=maybe", "compile='maybe' is invalid: use true or false"),
         ("val_before_fit=1", "val_before_fit=1 is invalid: use true or false"),
         ("seed=abc", "seed='abc' is invalid: must be an integer"),
         ("seed=-1", "seed=-1 is invalid: must be an integer in [0, 2**32)"),
-        ("sample.max_new_tokens=-1", "sample.max_new_tokens=-1 is invalid"),
-        ("sample.temperature=-1", "sample.temperature=-1 is invalid"),
-        ("sample.top_k=abc", "sample.top_k='abc' is invalid"),
         ("trainer.max_steps=abc", "trainer.max_steps='abc' is invalid"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is invalid"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid"),
-        ("trainer.val_check_interval=2.5", "trainer.val_check_interval=2.5 is invalid"),
-        ("data.val_fraction=0", "data.val_fraction=0 leaves nothing to validate on"),
-        ("data.val_fraction=0.0", "data.val_fraction=0 leaves nothing to validate on"),
     ],
 )
-def test_bad_setting_is_named_before_anything_is_built(override, message):
-    check_settings(compose_train())  # the defaults pass
+def test_a_bad_key_of_the_run_is_named_before_anything_is_built(override, message):
+    check_run(compose_train("run_dir=run"))  # the defaults pass
     with pytest.raises(ValueError) as error:
-        check_settings(compose_train(override))
+        check_run(compose_train("run_dir=run", override))
     assert str(error.value).startswith(message)
 
 
-@pytest.mark.parametrize("group", ["data=text", "experiment=gpt2_124M"])
-def test_data_path_is_required_where_the_config_says_so(group):
-    with pytest.raises(ValueError, match=r"^data\.path is required here"):
-        check_settings(compose_train(group))
-    check_settings(compose_train(group, "data.path=my_texts/"))
+def module_of(*overrides: str) -> GPTLightningModule:
+    """The LightningModule the config describes, built as train() builds it."""
+    cfg = OmegaConf.to_container(compose_train(*overrides).module, resolve=True)  # as _convert_
+    return GPTLightningModule(**{key: cfg[key] for key in cfg if not key.startswith("_")})
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["compile=maybe"], "compile='maybe' is invalid: use true or false"),
         (["model.dropout=abc"], "model.dropout='abc' is invalid: must be in [0, 1)"),
         (["model.context_length=abc"], "model.context_length='abc' is invalid"),
         (["model.num_heads=3"], "model.emb_dim=128 is not divisible by num_heads=3"),
-        (["model.vocab_size=100"], "model.vocab_size=100 is too small for the GPT-2 tokenizer"),
-        (["data.context_length=256"], "data.context_length=256 is longer than model.context"),
     ],
 )
 def test_bad_model_setting_is_named_as_on_the_command_line(overrides, message):
-    check_model(compose_train())
     with pytest.raises(ValueError) as error:
-        check_model(compose_train(*overrides))
+        module_of(*overrides)
     assert str(error.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sample.max_new_tokens=-1", "error: sample.max_new_tokens=-1 is invalid"),
+        ("sample.temperature=-1", "error: sample.temperature=-1 is invalid"),
+        ("data.context_length=64", "error: data.context_length=64 is longer than model.context"),
+        ("model.vocab_size=100", "error: model.vocab_size=100 is too small for the GPT-2 tokeni"),
+        ("trainer.val_check_interval=2.5", "error: trainer: `val_check_interval` should be an"),
+    ],
+)
+def test_a_bad_setting_fails_the_run_in_one_line_before_the_first_step(
+    run_train, tmp_path, override, message
+):
+    assert error_line(run_train(override)).startswith(message)
+    assert checkpoints(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("group", ["data=text", "experiment=gpt2_124M"])
+def test_data_path_is_required_where_the_config_says_so(run_train, tmp_path, group):
+    line = error_line(run_train(group))
+    assert line == "error: data.path is required here: set it on the command line, data.path=..."
+    assert checkpoints(tmp_path / "run") == []
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
-    model = compose_train().model
-    saved = {"hyper_parameters": {"model": {**model, "num_layers": 6, "dropout": 0.3}}}
-    torch.save(saved, tmp_path / "other.ckpt")
+    module = module_of()
+    saved = {"model": {**module.hparams.model, "num_layers": 6, "dropout": 0.3}}
     with pytest.raises(ValueError) as error:
-        check_checkpoint(str(tmp_path / "other.ckpt"), model)
-    assert f"holds a model with num_layers=6, not model.num_layers={model.num_layers}:" in str(
-        error.value
+        module.on_load_checkpoint({"hyper_parameters": saved, "lr_schedulers": []})
+    assert str(error.value).startswith(
+        "ckpt_path holds a model with num_layers=6, not model.num_layers=4:"
     )
-    saved["hyper_parameters"]["model"]["num_layers"] = model.num_layers  # dropout may differ
-    saved["global_step"] = 7
-    torch.save(saved, tmp_path / "same.ckpt")
-    found = check_checkpoint(str(tmp_path / "same.ckpt"), model)
-    assert found == {"model": saved["hyper_parameters"]["model"], "global_step": 7}
-    with pytest.raises(ValueError, match=r"is a folder: give a .ckpt file in it, e.g. .*last.ckpt"):
-        check_checkpoint(str(tmp_path), model)
+    saved["model"]["num_layers"] = 4  # dropout may differ
+    module.on_load_checkpoint({"hyper_parameters": saved, "lr_schedulers": []})
+    torch.save({"hyper_parameters": saved, "state_dict": {}, "global_step": 7}, tmp_path / "a.ckpt")
+    assert read_checkpoint(tmp_path / "a.ckpt", "ckpt_path")["global_step"] == 7
+    with pytest.raises(
+        WeightsError, match=r"is a folder: give a .ckpt file in it, e.g. .*last.ckpt"
+    ):
+        read_checkpoint(tmp_path, "ckpt_path")
 
 
 def test_bad_trainer_argument_gets_lightnings_reason_in_one_line(run_train, tmp_path):

@@ -9,20 +9,17 @@ from __future__ import annotations
 import math
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY_RUN, run_module
+from conftest import ROOT, TINY_RUN, run_module, scalars, text_samples
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
-from test_train import scalars, text_samples
+from lightning.pytorch.strategies import FSDPStrategy
 
-from gpt2_lightning.callbacks import TextSample, shards_weights
-from gpt2_lightning.model import GPT, Block, GPTConfig
+from gpt2_lightning.model import Block
 from gpt2_lightning.tokenizer import get_tokenizer
 
 # Short trials: no validation before training, one validation at the end (step 3).
@@ -369,52 +366,3 @@ def test_fsdp_preset_shards_and_checkpoints_each_block():
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
-
-
-def test_text_samples_are_skipped_with_a_warning_when_the_weights_are_sharded():
-    assert shards_weights(instantiate(compose_trainer("fsdp").strategy))
-    assert shards_weights(ModelParallelStrategy())
-    assert not shards_weights(DDPStrategy())
-
-    class Sharded(torch.nn.Module):  # a rank's shard: running it alone would hang
-        def forward(self, *args, **kwargs):
-            raise AssertionError("the sample ran the sharded model")
-
-    sample = TextSample(max_new_tokens=3)
-    trainer = SimpleNamespace(sanity_checking=False, strategy=FSDPStrategy(), loggers=[])
-    with pytest.warns(UserWarning, match="skipped under FSDPStrategy.*gpt2_lightning.generate"):
-        sample.on_validation_end(trainer, SimpleNamespace(model=Sharded()))
-    assert sample.last_text is None
-
-    model = GPT(GPTConfig(context_length=16, emb_dim=8, num_layers=1, num_heads=2))
-    trainer.strategy = DDPStrategy()  # every rank holds all the weights: rank 0 samples
-    sample.on_validation_end(trainer, SimpleNamespace(model=model))
-    assert sample.last_text is not None and sample.last_text.startswith("\n")
-    assert len(get_tokenizer().encode(sample.last_text)) >= 2
-
-
-def test_the_final_sample_under_a_sharding_strategy_names_the_generate_command(
-    tmp_path, token_cache, monkeypatch, capsys
-):
-    import gpt2_lightning.train as train_module
-
-    overrides = [*TINY_RUN, f"data.cache_dir={token_cache}", f"run_dir={tmp_path / 'run'}"]
-    overrides += ["trainer.max_steps=1", "val_before_fit=false", "~callbacks.text_sample"]
-    with initialize_config_dir(str(ROOT / "gpt2_lightning" / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    # Lightning runs FSDP on GPUs only: stand in for it by saying the weights are sharded.
-    monkeypatch.setattr(train_module, "shards_weights", lambda strategy: True)
-    monkeypatch.setattr(train_module, "sample_text", None)  # calling it would fail the test
-    train_module.train(cfg)
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert f"(skipped: run python -m gpt2_lightning.generate checkpoint={last})" in (
-        capsys.readouterr().out
-    )
-    assert last.is_file()
-
-
-def test_text_sample_checks_its_settings_when_built():
-    with pytest.raises(ValueError, match=r"^top_k=0 is invalid"):
-        TextSample(top_k=0)  # not after the first validation, when checkpoints exist
-    with pytest.raises(ValueError, match=r"^temperature=-1 is invalid"):
-        TextSample(temperature=-1)

@@ -6,32 +6,14 @@ import csv
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import DataLoader, TensorDataset
+from conftest import scalars, text_samples
 
-from gpt2_lightning.callbacks import AtomicCheckpointIO
-from gpt2_lightning.data import TextDataModule
 from gpt2_lightning.model import GPT
-from gpt2_lightning.module import GPTLightningModule, WarmupCosine
-
-
-def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    """Every scalar in the run's TensorBoard logs, as {tag: {step: value}}."""
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
-
-
-def text_samples(run_dir: Path) -> list[str]:
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
-    events.Reload()
-    return [e.tensor_proto.string_val[0].decode() for e in events.Tensors("sample/text_summary")]
+from gpt2_lightning.module import WarmupCosine
 
 
 def test_cli_run_writes_checkpoint_tensorboard_and_summary(run_train, tmp_path):
@@ -149,27 +131,6 @@ def test_a_run_resumed_with_more_steps_decays_over_the_new_horizon(run_train, tm
     assert lr[4] > 2 * 3e-4
 
 
-def test_checkpoints_are_written_beside_their_place_then_renamed(tmp_path, monkeypatch):
-    renames = []
-    rename = os.replace
-
-    def recording(source, target):
-        renames.append((Path(source).parent, Path(target)))
-        rename(source, target)
-
-    monkeypatch.setattr(os, "replace", recording)
-    target = tmp_path / "checkpoints" / "last.ckpt"
-    AtomicCheckpointIO().save_checkpoint({"step": torch.arange(3)}, target)
-    # Lightning's own writer made its temporary file in the system's temp folder (a copy into
-    # place when that is another filesystem); a rename in the same folder is all or nothing
-    assert renames == [(target.parent, target)]
-    assert torch.load(target, weights_only=True)["step"].tolist() == [0, 1, 2]
-    assert os.listdir(target.parent) == ["last.ckpt"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
-
-
 def test_sigterm_writes_last_checkpoint_at_the_step_reached(run_train, tmp_path):
     result = run_train(
         "trainer.max_steps=50",
@@ -229,108 +190,6 @@ def test_sigterm_before_the_first_step_says_there_is_nothing_to_resume(run_train
     assert result.returncode == 143, result.stderr  # was 0 when it came during a validation
     assert "stopped by SIGTERM before the first step: nothing to resume" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_loss_falls_when_overfitting_one_batch(tmp_path):
-    path = tmp_path / "one.txt"
-    path.write_text("Lightning trains the model; Hydra composes the config. " * 12)
-    L.seed_everything(0)
-    data = TextDataModule(path=str(path), context_length=16, batch_size=4, val_fraction=0.0)
-    data.cache_dir = str(tmp_path / "cache")
-    model = dict(vocab_size=50257, context_length=16, emb_dim=32, num_layers=2, num_heads=2)
-    module = GPTLightningModule(
-        model=model,
-        optimizer=dict(lr=3e-3, weight_decay=0.0, betas=[0.9, 0.95], eps=1e-8),
-        scheduler=dict(name="constant", warmup_steps=0),
-    )
-    data.setup()
-    batch = next(iter(data.train_dataloader()))
-    before = module.loss(batch).item()
-    trainer = L.Trainer(
-        max_steps=60,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    one_batch = DataLoader(TensorDataset(*batch), batch_size=len(batch[0]))
-    trainer.fit(module, train_dataloaders=one_batch)
-    after = module.loss(batch).item()
-    assert before > 10.0
-    assert after < 1.0
-
-
-TINY_MODEL = dict(vocab_size=64, context_length=8, emb_dim=16, num_layers=1, num_heads=2)
-ADAMW = dict(lr=1e-3, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8)
-COSINE = dict(name="cosine", warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
-
-
-def test_cosine_schedule_warms_up_then_decays_to_the_ratio_of_the_peak():
-    module = GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=COSINE)
-    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
-    lrs = []
-    for _ in range(12):
-        lrs.append(scheduler.get_last_lr()[0])
-        scheduler.optimizer.step()
-        scheduler.step()
-    assert lrs[:3] == pytest.approx([0.5e-3, 1e-3, 1e-3])  # warmup, then the peak
-    assert lrs[6] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way down the cosine
-    assert lrs[10:] == pytest.approx([1e-4, 1e-4])  # 0.1 x the peak, then held
-
-
-def test_the_old_min_lr_key_is_named_with_its_replacement():
-    old = {k: v for k, v in COSINE.items() if k != "min_lr_ratio"}
-    with pytest.raises(ValueError, match=r"^scheduler.min_lr=0.0003 is no longer read: .*ratio"):
-        GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler={**old, "min_lr": 3e-4})
-
-
-@pytest.mark.parametrize(
-    ("group", "key", "value", "message"),
-    [
-        ("optimizer", "lr", "abc", "optimizer.lr='abc' is invalid: must be a number >= 0"),
-        ("optimizer", "weight_decay", -1, "optimizer.weight_decay=-1 is invalid"),
-        ("optimizer", "betas", [0.9], "optimizer.betas=[0.9] is invalid: must be two numbers"),
-        ("optimizer", "betas", [2, 3], "optimizer.betas=[2, 3] is invalid"),
-        ("optimizer", "eps", 0, "optimizer.eps=0 is invalid: must be a number > 0"),
-        ("scheduler", "name", "linear", "scheduler.name='linear' is unknown: valid are cosine"),
-        ("scheduler", "warmup_steps", -5, "scheduler.warmup_steps=-5 is invalid"),
-        ("scheduler", "min_lr_ratio", 2, "scheduler.min_lr_ratio=2 is invalid: must be in [0, 1]"),
-        ("scheduler", "total_steps", 0, "scheduler.total_steps=0 is invalid"),
-    ],
-)
-def test_bad_optimizer_or_schedule_setting_is_named(group, key, value, message):
-    settings = {"optimizer": dict(ADAMW), "scheduler": dict(COSINE)}
-    settings[group][key] = value
-    with pytest.raises(ValueError) as error:
-        GPTLightningModule(model=TINY_MODEL, **settings)
-    assert str(error.value).startswith(message)
-
-
-@pytest.mark.parametrize(
-    ("group", "key", "message"),
-    [
-        ("optimizer", "weight_decay", "optimizer has no weight_decay: give lr, weight_decay,"),
-        ("scheduler", "warmup_steps", "scheduler has no warmup_steps: give name, warmup_steps"),
-        ("scheduler", "total_steps", "scheduler.total_steps=None is invalid: the cosine"),
-    ],
-)
-def test_a_missing_optimizer_or_schedule_setting_is_named(group, key, message):
-    settings = {"optimizer": dict(ADAMW), "scheduler": dict(COSINE)}
-    del settings[group][key]
-    with pytest.raises(ValueError) as error:  # was a KeyError
-        GPTLightningModule(model=TINY_MODEL, **settings)
-    assert str(error.value).startswith(message)
-
-
-def test_a_warmup_as_long_as_the_run_is_warned_about():
-    scheduler = {**COSINE, "warmup_steps": 10, "total_steps": 10}
-    with pytest.warns(UserWarning, match=r"scheduler.warmup_steps=10 is not below scheduler.tot"):
-        GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=scheduler)
-    with warnings.catch_warnings(record=True) as caught:  # a warmup shorter than the run: none
-        warnings.simplefilter("always")
-        GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=COSINE)
-    assert [str(w.message) for w in caught if "warmup" in str(w.message)] == []
 
 
 def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
