@@ -6,9 +6,8 @@ Read the three classes in order; each adds one idea to the one before.
     CausalAttention            ... but only at itself and the tokens before it (+ dropout)
     MultiHeadAttentionWrapper  several causal heads side by side, then an output projection
 
-They compute the same numbers as the model's fused MultiHeadAttention (tests/test_attention.py
-proves it), only slower and easier to read. Shapes: B batch, T tokens, d_in input size, d_out
-output size; each class also takes one sequence without the batch dimension, (T, d_in).
+They compute the model's numbers (tests/test_attention.py proves it), only slower and easier to
+read. Shapes: B batch, T tokens, d_in/d_out input/output size; one sequence (T, d_in) works too.
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ import math
 
 import torch
 from torch import nn
+
+Attended = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # context, or (context, weights)
 
 
 class SelfAttention(nn.Module):
@@ -39,9 +40,7 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.value = nn.Linear(d_in, d_out, bias=qkv_bias)
 
-    def forward(
-        self, x: torch.Tensor, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, return_weights: bool = False) -> Attended:
         queries, keys, values = self.query(x), self.key(x), self.value(x)  # (B, T, d_out) each
         scores = queries @ keys.transpose(-2, -1)  # (B, T, T): scores[b, i, j] = q_i . k_j
         weights = torch.softmax(scores / math.sqrt(keys.size(-1)), dim=-1)  # each row sums to 1
@@ -49,7 +48,7 @@ class SelfAttention(nn.Module):
         return (context, weights) if return_weights else context
 
 
-class CausalAttention(nn.Module):
+class CausalAttention(SelfAttention):
     """One attention head in which token i sees only tokens 0..i: what a language model needs.
 
     A model trained to predict the next token must not read it. Setting the scores above the
@@ -71,27 +70,18 @@ class CausalAttention(nn.Module):
         dropout: float = 0.0,
         qkv_bias: bool = False,
     ):
-        super().__init__()
+        super().__init__(d_in, d_out, qkv_bias)  # the same query, key and value projections
         self.context_length = context_length
-        self.query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.dropout = nn.Dropout(dropout)
         # True above the diagonal = "future, hide it". A buffer moves with .to(device) like the
-        # weights; it is not learned and follows from context_length, so it stays out of
-        # state_dict.
+        # weights; it is not learned and follows from context_length, so it stays out of state_dict.
         future = torch.ones(context_length, context_length, dtype=torch.bool).triu(diagonal=1)
         self.register_buffer("mask", future, persistent=False)
 
-    def forward(
-        self, x: torch.Tensor, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, return_weights: bool = False) -> Attended:
         T = x.size(-2)  # (B, T, d_in), or (T, d_in) for one sequence
         if T > self.context_length:
-            raise ValueError(
-                f"sequence length {T} exceeds context_length={self.context_length}: "
-                f"pass at most {self.context_length} tokens"
-            )
+            raise ValueError(f"sequence length {T} exceeds context_length={self.context_length}")
         queries, keys, values = self.query(x), self.key(x), self.value(x)  # (B, T, d_out) each
         scores = queries @ keys.transpose(-2, -1)  # (B, T, T)
         scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))  # exp(-inf) = 0
@@ -127,10 +117,7 @@ class MultiHeadAttentionWrapper(nn.Module):
         if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
             raise ValueError(f"num_heads={num_heads!r} is invalid: must be a positive integer")
         if d_out % num_heads != 0:
-            raise ValueError(
-                f"d_out={d_out} is not divisible by num_heads={num_heads}: "
-                "choose num_heads that divides d_out"
-            )
+            raise ValueError(f"d_out={d_out} is not divisible by num_heads={num_heads}")
         head_dim = d_out // num_heads
         self.heads = nn.ModuleList(
             CausalAttention(d_in, head_dim, context_length, dropout, qkv_bias)
@@ -138,12 +125,8 @@ class MultiHeadAttentionWrapper(nn.Module):
         )
         self.out_proj = nn.Linear(d_out, d_out)
 
-    def forward(
-        self, x: torch.Tensor, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        per_head = [head(x, return_weights=True) for head in self.heads]
-        context = torch.cat([c for c, _ in per_head], dim=-1)  # (B, T, d_out)
-        context = self.out_proj(context)  # (B, T, d_out)
-        if not return_weights:
-            return context
-        return context, torch.stack([w for _, w in per_head], dim=-3)  # (B, num_heads, T, T)
+    def forward(self, x: torch.Tensor, return_weights: bool = False) -> Attended:
+        contexts, weights = zip(*(head(x, return_weights=True) for head in self.heads), strict=True)
+        context = self.out_proj(torch.cat(contexts, dim=-1))  # (B, T, d_out)
+        weights = torch.stack(weights, dim=-3)  # (B, num_heads, T, T)
+        return (context, weights) if return_weights else context

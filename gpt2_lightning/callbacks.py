@@ -1,5 +1,6 @@
-"""What Lightning lacks: text samples, RNG state for exact resume, a final last.ckpt, Ctrl-C as a
-stop after the step, tokens/s in the progress bar, glibc's allocator kept warm, the run summary."""
+"""What Lightning lacks: text samples, RNG state for exact resume, a last.ckpt of the final step,
+Ctrl-C as a stop after the step, tokens/s in the progress bar, glibc's allocator kept warm, and
+the run summary."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt2_lightning.files import atomic_file
+from gpt2_lightning.generate import check_sampling, generate
 from gpt2_lightning.tokenizer import get_tokenizer
 
 
@@ -44,8 +46,6 @@ def sample_text(
     seed: int = 0,
 ) -> str:
     """The prompt and its continuation, sampled with its own generator (global RNG untouched)."""
-    from gpt2_lightning.generate import generate
-
     enc = get_tokenizer()
     device = next(model.parameters()).device
     idx = torch.tensor([enc.encode(prompt, allowed_special="all")], device=device)
@@ -57,19 +57,16 @@ def sample_text(
 
 
 def shards_weights(strategy: Strategy) -> bool:
-    """Whether each rank holds only a shard of the weights (FSDP, ModelParallelStrategy).
-
-    Then no rank can run the model alone: rank 0 would wait for the others' shards forever.
-    """
+    """Whether each rank holds only a shard of the weights (FSDP, ModelParallelStrategy): then no
+    rank can run the model alone, and rank 0 would wait for the others' shards forever."""
     return isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
 
 
 class TextSample(L.Callback):
-    """After each validation, generate a sample from a prompt and log it to TensorBoard.
+    """After each validation, sample from a prompt and log the text to TensorBoard.
 
-    Sampling draws from its own seeded generator, so it never disturbs the training RNG
-    (a resumed run still matches one that never stopped). Skipped, with one warning, when the
-    strategy shards the weights: sample from the checkpoint with gpt2_lightning.generate instead.
+    Its own seeded generator leaves the training RNG alone (exact resume holds). Skipped, with one
+    warning, when the strategy shards the weights.
     """
 
     def __init__(
@@ -80,14 +77,14 @@ class TextSample(L.Callback):
         top_k: int | None = 40,
         seed: int = 0,
     ):
-        from gpt2_lightning.generate import check_sampling
-
         check_sampling(max_new_tokens, temperature, top_k)  # now, not after the first validation
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_k = top_k
-        self.seed = seed
+        self.settings = dict(
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+        )
         self.last_text: str | None = None
 
     @rank_zero_only
@@ -95,36 +92,25 @@ class TextSample(L.Callback):
         if trainer.sanity_checking:
             return
         if shards_weights(trainer.strategy):
-            rank_zero_warn(
+            rank_zero_warn(  # warnings.warn underneath: shown once, not after every validation
                 f"text samples are skipped under {type(trainer.strategy).__name__}: each rank "
                 "holds a shard of the weights; sample from a checkpoint with "
                 "`python -m gpt2_lightning.generate checkpoint=<run>/checkpoints/last.ckpt`"
-            )  # warnings.warn underneath: Python shows it once, not after every validation
+            )
             return
-        self.last_text = sample_text(
-            pl_module.model,
-            self.prompt,
-            self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            seed=self.seed,
-        )
+        self.last_text = sample_text(pl_module.model, **self.settings)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
-                # Markdown: indent four spaces so TensorBoard shows the text as written.
+                # Markdown: indented four spaces, TensorBoard shows the text as written
                 shown = "    " + self.last_text.replace("\n", "\n    ")
                 experiment.add_text("sample", shown, global_step=trainer.global_step)
 
 
 class RNGState(L.Callback):
-    """Saves the global RNG states in checkpoints and puts them back when a run resumes.
-
-    Lightning restores the model, optimizer, scheduler, loops and the StatefulDataLoader, but not
-    the torch/numpy/python random states (dropout, shuffling of the next epoch). They are put back
-    at the first training batch after resuming: earlier hooks run before the data loader's
-    iterator is created, which itself draws random numbers.
-    """
+    """Saves the torch/numpy/python RNG states (dropout, the next epoch's shuffle) in checkpoints,
+    which Lightning does not, and puts them back at the first training batch after a resume:
+    earlier hooks run before the data loader's iterator is made, which draws random numbers."""
 
     def __init__(self):
         self._pending: dict[str, Any] | None = None
@@ -157,11 +143,9 @@ class RNGState(L.Callback):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose last.ckpt always holds the final step of a run.
-
-    Upstream writes last.ckpt at the end of training only if no "last" was saved earlier in the
-    run, so a run that stops between two validations would leave an older last.ckpt behind.
-    """
+    """ModelCheckpoint whose last.ckpt always holds the final step: upstream writes it at the end
+    only if no "last" was saved earlier, leaving an older one when a run stops between two
+    validations."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -178,12 +162,10 @@ class LastCheckpoint(ModelCheckpoint):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        # last.ckpt only. Upstream also writes a file named like the best ones, with the last
-        # validation's loss (or 0.000 before the first) beside weights it was not measured on,
-        # outside the save_top_k count. In one process, nothing for a KeyboardInterrupt: it is a
-        # second Ctrl-C (train.py turns the first into a stop after the step), in the middle of
-        # a step, where the data loader is a batch ahead of the weights. Several processes get
-        # Ctrl-C as Lightning handles it: their last.ckpt may then skip a batch on resume.
+        # last.ckpt only: upstream also writes a file named like the best ones, with a loss not
+        # measured on its weights. Nothing for a KeyboardInterrupt in one process: it is a second
+        # Ctrl-C (StopOnCtrlC turns the first into a stop after the step), mid-step, where the
+        # data loader is a batch ahead of the weights.
         second_ctrl_c = isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1
         if self._should_save_on_exception(trainer) and not second_ctrl_c:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -191,10 +173,9 @@ class LastCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # When max_steps stops a run mid-epoch, the fit loop has already counted that epoch as
-        # completed by the time on_train_end runs; a run resumed from such a checkpoint would
-        # number its epochs one too high (and a DistributedSampler would shuffle by the wrong
-        # epoch). Record the epoch as still in progress, as a mid-epoch checkpoint says.
+        # When max_steps stops a run mid-epoch, the fit loop has counted the epoch as completed by
+        # on_train_end: a resumed run would number its epochs one too high (and a
+        # DistributedSampler shuffle by the wrong one). Record it as in progress.
         batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         if self._saving_at_train_end and batches_done < trainer.num_training_batches:
             progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
@@ -205,13 +186,9 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, with the temporary file beside the checkpoint.
-
-    Lightning's writes it in the system's temporary folder and moves it into place: a copy, not a
-    rename, when that folder is on another filesystem (a tmpfs /tmp), so a crash mid-copy would
-    leave half a last.ckpt where a whole one was. A rename within the folder is all or nothing.
-    The file also gets the umask's mode (the temporary one is private).
-    """
+    """Lightning's checkpoint writer, with the temporary file beside the checkpoint: Lightning's
+    sits in the system's temp folder, and a move from a tmpfs /tmp is a copy that a crash can leave
+    half done, where a rename in the folder is all or nothing. The file gets the umask's mode."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -235,13 +212,9 @@ class ProgressBar(TQDMProgressBar):
 
 
 def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory instead of returning each large block to the OS.
-
-    Every step allocates and frees the (B, T, 50257) logits and their gradient, hundreds of MB;
-    by default glibc maps such blocks fresh and unmaps them on free, so each step pays page faults
-    on all of it (see docs/performance.md). Same as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_;
-    a no-op off glibc.
-    """
+    """Ask glibc to keep freed memory rather than unmap each large block (the logits and their
+    gradient, hundreds of MB a step, would page-fault afresh every step); as the environment's
+    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would. A no-op off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -258,15 +231,20 @@ class KeepFreedMemory(L.Callback):
         keep_freed_memory()
 
 
+def last_checkpoint(trainer: L.Trainer) -> Path | None:
+    """Where the run's last.ckpt goes (None without a checkpoint callback)."""
+    callback = trainer.checkpoint_callback
+    return Path(callback.dirpath) / "last.ckpt" if callback and callback.dirpath else None
+
+
 class StopOnCtrlC(L.Callback):
-    """The first Ctrl-C stops training as SIGTERM does: after the current step, with last.ckpt
-    saved. A KeyboardInterrupt comes in the middle of a step, and the checkpoint Lightning saves
-    for it has a data loader one batch ahead of its weights. A second Ctrl-C interrupts at once.
+    """The first Ctrl-C stops training as SIGTERM does, after the step with last.ckpt saved (a
+    KeyboardInterrupt comes mid-step, with the data loader a batch ahead of the weights); a
+    second one interrupts at once. After either, says where to resume from; exit_code is what the
+    process ends with (128 + the signal, as a shell reports it).
 
     One process only: every rank of a DDP run gets the Ctrl-C, and two SIGTERMs on a rank left
-    the ranks waiting on each other (tried here); there Ctrl-C stays Lightning's.
-    Also says, after any SIGTERM, where to resume from; exit_code is what the process should end
-    with (128 + the signal, as a shell reports it).
+    the ranks waiting on each other; there Ctrl-C stays Lightning's.
     """
 
     def __init__(self):
@@ -309,26 +287,20 @@ class StopOnCtrlC(L.Callback):
         print(f"stopped by {how} {hint}", file=sys.stderr)
 
 
-def last_checkpoint(trainer: L.Trainer) -> Path | None:
-    """Where the run's last.ckpt goes (None without a checkpoint callback)."""
-    callback = trainer.checkpoint_callback
-    return Path(callback.dirpath) / "last.ckpt" if callback and callback.dirpath else None
-
-
 def validate_final_step(
     trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule
 ) -> int:
     """Validate the final weights if fit did not end with a validation (max_steps not a multiple
     of val_check_interval), so the summary, the curve and a sweep's objective end at the last
-    step; the number of steps trained.
+    step; return the number of steps trained.
 
     After fit, not inside it: asking fit to stop early (should_stop) also ends the epoch, and a
-    resumed run would start the next one. The point is plotted at steps - 1, where Lightning plots
-    a validation after a step inside fit (ddp_spawn, which starts its processes again with this
-    trainer's counts, would plot it at 0).
+    resumed run would start the next one. Plotted at steps - 1, where Lightning plots a validation
+    after a step inside fit (ddp_spawn, which starts its processes again with this trainer's
+    counts, would plot it at 0).
     """
-    # From callback_metrics (GPTLightningModule.on_train_end): under ddp_spawn fit ran in other
-    # processes, and this trainer's own step count is still 0.
+    # ddp_spawn fits in other processes, and this trainer's step count stays 0: the counts come
+    # back in callback_metrics (GPTLightningModule.on_train_end)
     steps = int(trainer.callback_metrics.get("fit/global_step", trainer.global_step))
     validated = int(trainer.callback_metrics.get("fit/validated_at_step", -1))
     if validated != steps and not trainer.interrupted:
@@ -338,7 +310,7 @@ def validate_final_step(
 
 
 class RunSummary:
-    """What a run prints at its end: a sample, the steps, the val loss, where the files are."""
+    """What a run prints at its end: a sample, the steps, the val loss, where its files are."""
 
     def __init__(
         self,
@@ -349,8 +321,6 @@ class RunSummary:
         seed: int,
         resumed_at: int = 0,
     ):
-        from gpt2_lightning.generate import check_sampling
-
         try:
             check_sampling(max_new_tokens, temperature, top_k)  # now, not after training
         except ValueError as error:

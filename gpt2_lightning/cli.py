@@ -158,8 +158,8 @@ def unknown_key(name: str, key: str, text: str, overrides: list[str], can_add: b
 
 
 def check_generate_command(args: list[str]) -> None:
-    """generate's command line: overrides Hydra can read, keys conf/generate.yaml has, no sweep
-    (prompt=Hello, world is a list of two values to Hydra). Flags are left to Hydra."""
+    """generate's command line: one run (no -m, no sweep: prompt=Hello, world is a list of two
+    values to Hydra), its own keys only, each with a value. Flags are left to Hydra."""
     if "-m" in args or "--multirun" in args:
         raise ValueError("generate runs once: -m/--multirun is for train's sweeps")
     if any(a.startswith("-") for a in args):
@@ -177,12 +177,7 @@ def check_generate_command(args: list[str]) -> None:
                 f"{text!r} is a list of values to Hydra (a sweep), and generate takes one: quote "
                 f"the value, e.g. '{override.key_or_group}=\"a, b\"'"
             )
-    try:
-        compose_config("generate", args)
-    except HydraException as error:
-        raise ValueError(composition_error("generate", error, args, {}, can_add=False)) from None
-    except Exception:
-        return  # Hydra's own report will say what is wrong
+    _compose_first_values("generate", args)
 
 
 def check_command_line(name: str, args: list[str]) -> None:
@@ -251,8 +246,9 @@ def _compose_first_values(name: str, texts: list[str]) -> None:
             swept[override.key_or_group] = override
     try:
         cfg = compose_config(name, fixed)
-    except HydraException as error:
-        raise ValueError(composition_error(name, error, fixed, given)) from None
+    except HydraException as error:  # +key=value adds a key that train may read, not generate
+        reason = composition_error(name, error, fixed, given, can_add=name != "generate")
+        raise ValueError(reason) from None
     except Exception:
         return  # Hydra's own report will say what is wrong
     for key, override in swept.items():

@@ -12,18 +12,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gpt2_lightning import tokens
-from gpt2_lightning.tokens import EMBEDDED, load_tokens, source_files, tokenize_to_cache
+from gpt2_lightning.tokens import EMBEDDED, load_tokens, main, source_files, tokenize_to_cache
 
 # What decides the windows and batches, and so what a saved data loader position means.
 WINDOW_SETTINGS = ("path", "context_length", "stride", "batch_size", "val_fraction")
 
 
 class SlidingWindowDataset(Dataset):
-    """Windows of context_length + 1 tokens, start positions stride apart, as (input, target).
-
-    The target is the input shifted left by one: position t learns to predict token t + 1.
-    """
+    """Windows of context_length + 1 tokens, stride apart, as (input, input shifted left by one)."""
 
     def __init__(self, tokens: np.ndarray, context_length: int, stride: int):
         self.tokens = tokens
@@ -31,8 +27,7 @@ class SlidingWindowDataset(Dataset):
         self.stride = stride
 
     def __len__(self) -> int:
-        usable = len(self.tokens) - (self.context_length + 1)
-        return 0 if usable < 0 else usable // self.stride + 1
+        return max(0, (len(self.tokens) - self.context_length - 1) // self.stride + 1)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self)
@@ -52,11 +47,7 @@ def _integer(name: str, value: Any, minimum: int) -> int:
 
 
 class TextDataModule(L.LightningDataModule):
-    """The embedded corpus or the user's text files, tokenized, cached and cut into windows.
-
-    The last val_fraction of the tokens is the validation set: a contiguous range, so no window
-    holds tokens of both sets.
-    """
+    """The embedded corpus or the user's text files, tokenized, cached and cut into windows."""
 
     def __init__(
         self,
@@ -98,6 +89,7 @@ class TextDataModule(L.LightningDataModule):
         source = self.path or EMBEDDED
         if len(ids) == 0:
             raise ValueError(f"data.path={source!r} holds no text: the corpus is empty")
+        # The last val_fraction of the tokens validates: one range, so no window holds both sets.
         num_val = max(int(len(ids) * self.val_fraction), window) if self.val_fraction else 0
         if len(ids) - num_val < window:
             raise ValueError(
@@ -115,19 +107,16 @@ class TextDataModule(L.LightningDataModule):
             )
 
     def _loader(self, dataset: Dataset, train: bool) -> StatefulDataLoader:
-        # StatefulDataLoader records how far into the epoch it is; Lightning saves that in the
-        # checkpoint and restores it, so a resumed run sees exactly the batches it would have seen.
+        # StatefulDataLoader's position in the epoch is saved in the checkpoint: an exact resume.
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         sampler = None
         if train and self.trainer is not None and self.trainer.world_size > 1:
-            # Left to itself, Lightning would wrap a shuffling sampler whose permutation the
-            # checkpoint does not hold; a DistributedSampler's order follows from (seed, epoch),
-            # so a resumed rank skips to the same place in the same shuffle.
+            # Lightning's own sampler shuffles by a permutation no checkpoint holds; this one's
+            # order follows from (seed, epoch), so a resumed rank finds its place again.
             sampler = DistributedSampler(
                 dataset,
                 num_replicas=self.trainer.world_size,
                 rank=self.trainer.global_rank,
-                shuffle=True,
                 seed=self.seed,
                 drop_last=True,
             )
@@ -154,9 +143,8 @@ class TextDataModule(L.LightningDataModule):
         ]
         if changed:
             rank_zero_warn(
-                f"resuming with {', '.join(changed)}: the data loader's position is counted in "
-                "batches of windows, so the resumed run does not continue where the first stopped "
-                "(the resume is not exact)"
+                f"resuming with {', '.join(changed)}: the data loader's position counts batches "
+                "of windows, so the resume is not exact"
             )
 
     def train_dataloader(self) -> StatefulDataLoader:
@@ -167,4 +155,4 @@ class TextDataModule(L.LightningDataModule):
 
 
 if __name__ == "__main__":  # python -m gpt2_lightning.data prepare, as documented
-    sys.exit(tokens.main())
+    sys.exit(main())

@@ -1,12 +1,9 @@
 """CPU decoding speed-ups, applied to generation's copy of a model and never to the model itself.
 
-A one-token step multiplies a few rows by every weight matrix: it runs as fast as the weights
-stream from memory (figures in docs/performance.md). decoder(model, dtype) gives the module the
-steps run, a copy whose nn.Linear layers are stand-ins, or the model itself where none applies:
-- SplitLinear, for fp32 on AMD CPUs with MKL (whose few-row products run on one core there; on
-  Intel they use every core): one slice of the weight's rows per thread, multiplied as a batch.
-- half-size weights (generate's dtype=): FP16Linear (fbgemm's fp16 kernel, x86), else NarrowLinear
-  (weights converted to bf16 or fp16).
+A one-token step runs as fast as the weights stream from memory (docs/performance.md). decoder()
+gives a copy whose nn.Linear layers are stand-ins, or the model itself where none applies:
+SplitLinear (fp32 on AMD CPUs with MKL, whose few-row products use one core there), FP16Linear
+(fbgemm's fp16 kernel, x86) or NarrowLinear (weights converted to bf16 or fp16).
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import copy
 import functools
 import re
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,17 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Measured on an EPYC: up to 64 rows split 1.2-1.9x faster, fading with more rows (1.1x at 256).
-SPLIT_MAX_ROWS = 64
+SPLIT_MAX_ROWS = 64  # the split's gain fades with more rows (measured: see docs/performance.md)
 SPLIT_MIN_WEIGHTS = 2**16  # a smaller matrix sits in cache, and splitting costs more than it saves
-# A matrix this many times wider than deep (the 50257-wide head) is multiplied the other way
-# round, weight slices @ x.T: faster for the head, slower for the blocks' matrices.
-SPLIT_WIDE = 16
+SPLIT_WIDE = 16  # this many times wider than deep (the head): weight slices @ x.T is faster
 
 
 def decoder(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """What runs model's steps with weights in dtype (None: model's own): model, or a kept copy
-    in eval mode brought up to model's current weights."""
+    """What runs model's steps with weights in dtype: model, or a kept copy in eval mode."""
     weights_dtype = next(model.parameters()).dtype
     same = dtype in (None, weights_dtype)
     if same and not (splits_few_rows() and _on_cpu_in_fp32(model.parameters())):
@@ -45,8 +38,7 @@ def decoder(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 
 @functools.cache
 def splits_few_rows() -> bool:
-    """Whether products of a few fp32 rows are split: where torch's BLAS is MKL and the CPU an AMD
-    one (MKL's one-row products measured on one core there, on every core on Intel)."""
+    """Whether products of a few fp32 rows are split: where torch's BLAS is MKL on an AMD CPU."""
     return torch.backends.mkl.is_available() and cpu_vendor() == "AuthenticAMD"
 
 
@@ -60,11 +52,9 @@ def cpu_vendor() -> str:
 
 
 class _Kept(NamedTuple):
-    """A decoding copy of a model, as _COPIES keeps it."""
-
-    params: list[nn.Parameter]  # all the model's parameters when the copy was made
-    layout: list[tuple[torch.Size, torch.device]]  # and their shapes and devices then
-    refill: Callable[[], None]  # brings the copy's weights up to the model's current ones
+    params: list[nn.Parameter]  # kept alive, so that the ids in layout stay theirs
+    layout: list[tuple[int, torch.Size, torch.device]]  # _layout(params) when the copy was made
+    stand_ins: dict[nn.Linear, nn.Module]  # the model's layers and what stands in for them
     copy: nn.Module
 
 
@@ -75,62 +65,45 @@ _COPIES: weakref.WeakKeyDictionary[nn.Module, dict[torch.dtype, _Kept]] = (
 
 
 def _copy_or_refill(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of model whose nn.Linear layers (lm_head included) are stand-ins reading their
-    weights in dtype; every other parameter (norms, position embedding) is model's own, shared."""
+    """A copy of model with stand-ins for its nn.Linear layers; other parameters are shared."""
     params = list(model.parameters())
     kept = _COPIES.get(model, {}).get(dtype)
-    if kept is not None and _still_fits(kept, params):
-        kept.refill()
+    if kept is not None and kept.layout == _layout(params):
+        # Refilled in place: memory kept from the last call is faster than fresh pages.
+        for linear, stand_in in kept.stand_ins.items():
+            stand_in.refill(linear)
         return kept.copy
     memo = {id(p): p for p in params}  # deepcopy takes these as they are: shared, not copied
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    stand_ins = {}
     if dtype == params[0].dtype:  # fp32 on an AMD CPU: the model's own weights, split
         for linear in linears:
             if linear.weight.numel() >= SPLIT_MIN_WEIGHTS:
-                memo[id(linear)] = SplitLinear(linear.weight, linear.bias)
-
-        def refill() -> None:
-            pass
-
+                stand_ins[linear] = SplitLinear(linear.weight, linear.bias)
     elif dtype == torch.float16 and _fbgemm_fp16(params):
-        for linear in linears:  # deepcopy puts the stand-in wherever the Linear was
-            memo[id(linear)] = FP16Linear(linear.weight, linear.bias)
-        pairs = [(linear, memo[id(linear)]) for linear in linears]
         largest = max(linear.weight.numel() for linear in linears)
-        scratch = torch.empty(largest, dtype=torch.float16)  # one fp16 matrix's worth, reused
-
-        def refill() -> None:
-            for linear, fp16 in pairs:
-                fp16.refresh(linear.weight, linear.bias, scratch)
-
+        scratch = torch.empty(largest, dtype=torch.float16)  # one fp16 matrix's worth, shared
+        for linear in linears:
+            stand_ins[linear] = FP16Linear(linear.weight, linear.bias, scratch)
     else:
-        # Converted into memory kept from the last call: ~25 ms at 124M, fresh pages ~0.1 s.
         for linear in linears:
             for p in linear.parameters():  # the embedding tied to lm_head is converted with it
                 memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
             bias = None if linear.bias is None else memo[id(linear.bias)]
-            memo[id(linear)] = NarrowLinear(memo[id(linear.weight)], bias)
-        converted = [(p, memo[id(p)]) for p in params if memo[id(p)] is not p]
-
-        def refill() -> None:
-            for p, low_p in converted:
-                low_p.copy_(p)
-
+            stand_ins[linear] = NarrowLinear(memo[id(linear.weight)], bias)
+    # deepcopy puts each stand-in wherever its Linear was
+    memo.update((id(linear), stand_in) for linear, stand_in in stand_ins.items())
     low = copy.deepcopy(model, memo).eval()
-    layout = [(p.shape, p.device) for p in params]
+    layout = _layout(params)
     # Copies of other dtypes made for the model's old parameters go; those still fitting stay.
-    others = {d: k for d, k in _COPIES.get(model, {}).items() if _still_fits(k, params)}
-    _COPIES[model] = {**others, dtype: _Kept(params, layout, refill, low)}
+    others = {d: k for d, k in _COPIES.get(model, {}).items() if k.layout == layout}
+    _COPIES[model] = {**others, dtype: _Kept(params, layout, stand_ins, low)}
     return low
 
 
-def _still_fits(kept: _Kept, params: list[nn.Parameter]) -> bool:
-    """Whether a kept copy matches the model now: the same parameters, shapes and devices."""
-    return (
-        len(kept.params) == len(params)
-        and all(a is b for a, b in zip(kept.params, params, strict=True))
-        and kept.layout == [(p.shape, p.device) for p in params]
-    )
+def _layout(params: list[nn.Parameter]) -> list[tuple[int, torch.Size, torch.device]]:
+    """Which parameters a copy was made for, and their shapes and devices then."""
+    return [(id(p), p.shape, p.device) for p in params]
 
 
 def _on_cpu_in_fp32(params: Iterable[nn.Parameter]) -> bool:
@@ -138,8 +111,7 @@ def _on_cpu_in_fp32(params: Iterable[nn.Parameter]) -> bool:
 
 
 def _fbgemm_fp16(params: list[nn.Parameter]) -> bool:
-    """Whether fbgemm's fp16 products can run these weights: fp32 on the CPU, an x86 build of
-    torch, and a CPU with AVX2 (fbgemm refuses older ones)."""
+    """Whether fbgemm's fp16 products can run these weights (fp32, x86 torch, AVX2 CPU)."""
     return (
         "fbgemm" in torch.backends.quantized.supported_engines
         and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -149,17 +121,19 @@ def _fbgemm_fp16(params: list[nn.Parameter]) -> bool:
 
 
 class _Product(nn.Module):
-    """x @ weight.T + bias over the parameters given: what stands in for an nn.Linear."""
+    """x @ weight.T + bias over the parameters given."""
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
         super().__init__()
         self.weight = weight
         self.bias = bias
 
+    def refill(self, linear: nn.Linear) -> None:
+        """Bring the weights up to linear's: nothing to do where they are linear's own."""
+
 
 class SplitLinear(_Product):
-    """An nn.Linear's product, its weight's rows split into one slice per thread for a few fp32
-    rows (a decoding step); more rows (a long prompt) take F.linear."""
+    """The weight's rows split into one slice per thread for a few fp32 rows, else F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = torch.get_num_threads()
@@ -198,34 +172,36 @@ def split_linear(
 
 
 class NarrowLinear(_Product):
-    """An nn.Linear's product over weights narrower than x (bf16 or fp16 for fp32 activations):
-    multiplied in the weights' dtype, the result back in x's."""
+    """Multiplied in the weights' narrower dtype (bf16 or fp16), the result back in x's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
+    def refill(self, linear: nn.Linear) -> None:
+        self.weight.copy_(linear.weight)
+        if self.bias is not None:
+            self.bias.copy_(linear.bias)
+
 
 class FP16Linear(nn.Module):
-    """An nn.Linear's product with W rounded to fp16 and packed by fbgemm, whose kernel reads the
-    half-size weights and multiplies in fp32 (x and the result stay fp32). torch's own fp16
-    products (oneDNN) convert the weights too slowly to stream them: slower than fp32."""
+    """Weights rounded to fp16 and packed by fbgemm, multiplied in fp32 (oneDNN's fp16 products
+    convert the weights too slowly: slower than fp32)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scratch: torch.Tensor):
         super().__init__()
         self.half = weight.detach().to(torch.float16)  # what is packed, to see what changes
         self.bias = None if bias is None else bias.detach().clone()
+        self.scratch = scratch  # at least weight.numel() fp16 values, shared between layers
         self.packed = self._pack()
 
     def _pack(self) -> torch.ScriptObject:
         # fp16 values widen to fp32 exactly, so the packed weights are a function of self.half.
         return torch.ops.quantized.linear_prepack_fp16(self.half.float(), self.bias)
 
-    def refresh(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, scratch: torch.Tensor
-    ) -> None:
-        """Pack again if weight or bias changed since (~2 s for all of 124M): compared, not trusted
-        to a version count (fused AdamW updates weights in place without bumping theirs)."""
-        half = scratch[: weight.numel()]
+    def refill(self, linear: nn.Linear) -> None:
+        """Pack again if linear's weights changed: compared, as fused AdamW bumps no version."""
+        weight, bias = linear.weight, linear.bias
+        half = self.scratch[: weight.numel()]
         half.view(weight.shape).copy_(weight)
         if _same_bits(half, self.half) and (bias is None or torch.equal(bias, self.bias)):
             return
@@ -239,7 +215,6 @@ class FP16Linear(nn.Module):
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two fp16 tensors hold the same bits: compared as int64, several times faster than
-    torch.equal on fp16 values, which runs on one core."""
+    """Whether two fp16 tensors hold the same bits (as int64: torch.equal of fp16 uses one core)."""
     wide = torch.int64 if a.numel() % 4 == 0 else torch.int16
     return torch.equal(a.reshape(-1).view(wide), b.reshape(-1).view(wide))

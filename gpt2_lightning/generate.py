@@ -1,7 +1,6 @@
 """Text generation: the sampling loop over a GPT and its KV cache, one new token at a time.
 
-`stream` hands the tokens out as they are made; `generate` collects them into a tensor. The command
-line (`python -m gpt2_lightning.generate checkpoint=124M prompt="..."`) is in generate_cli.py.
+`stream` yields the tokens as they are made, `generate` collects them; the CLI is generate_cli.py.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 from gpt2_lightning import fast_decode
 from gpt2_lightning.model import GPT, KVCache
 
-# The dtypes generate(dtype=...) runs the one-token steps in (weights no wider than activations).
+# What generate(dtype=...) may run the one-token steps' weights in.
 STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -26,23 +25,25 @@ def check_sampling(
     top_p: float | None = None,
 ) -> None:
     """Raise ValueError naming the first sampling argument that is out of range."""
-    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
+    if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 0")
-    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+    if not is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(
             f"temperature={temperature!r} is invalid: must be a number >= 0 (0 means greedy)"
         )
-    if top_k is not None and (not _is_integer(top_k) or top_k < 1):
+    if top_k is not None and (not is_integer(top_k) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} is invalid: must be an integer >= 1, or None")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} is invalid: must be in (0, 1], or None")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's too
+def is_number(value: object) -> bool:
+    """Whether value is a real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_integer(value: object) -> bool:
+def is_integer(value: object) -> bool:
+    """Whether value is an integer (numpy's too), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -59,7 +60,7 @@ def _check_prompt(
             f"idx holds token id {int(idx.min() if idx.min() < 0 else idx.max())}: ids must be "
             f"in [0, {model.cfg.vocab_size}) (the model's vocab_size)"
         )
-    if eos_id is not None and (not _is_integer(eos_id) or not 0 <= eos_id < model.cfg.vocab_size):
+    if eos_id is not None and (not is_integer(eos_id) or not 0 <= eos_id < model.cfg.vocab_size):
         raise ValueError(
             f"eos_id={eos_id!r} is invalid: must be an integer in [0, {model.cfg.vocab_size})"
         )
@@ -72,15 +73,10 @@ def _check_prompt(
             f"{tuple(idx.shape)}"
         )
     mask = attention_mask.long()
-    # Left padding: 0s then 1s in each row, so every row ends in a real token to continue from.
-    if (
-        ((mask != 0) & (mask != 1)).any()
-        or (mask.diff(dim=1) < 0).any()
-        or (mask[:, -1] == 0).any()
-    ):
+    # Left padding, 0s then 1s: no value below 0, none lower than the one before, the last a 1.
+    if (mask[:, 0] < 0).any() or (mask.diff(dim=1) < 0).any() or (mask[:, -1] != 1).any():
         raise ValueError(
-            "attention_mask is invalid: must hold 0 (padding) then 1 (real tokens) in each row, "
-            "with the padding on the left and at least one real token"
+            "attention_mask is invalid: each row must be 0s (left padding), then at least one 1"
         )
 
 
@@ -98,13 +94,10 @@ def _check_dtype(model: GPT, dtype: torch.dtype | None, use_cache: bool) -> None
             f"dtype={dtype!r} runs the KV cache's one-token steps in half precision, and "
             "use_cache=False has none: use use_cache=True, or dtype=None"
         )
-    if dtype.itemsize >= weights_dtype.itemsize:
-        # Only the products' weights are narrowed; the activations keep the model's dtype, and
-        # fp16 weights with bf16 activations (or fp32 with bf16) would not multiply.
+    if dtype.itemsize >= weights_dtype.itemsize:  # activations keep the weights' dtype
         raise ValueError(
             f"dtype={dtype!r} is invalid for a model whose weights are {weights_dtype}: "
-            "half-precision steps need a wider (e.g. float32) model; use dtype=None, or call "
-            "model.float() first"
+            "half-precision steps need wider ones; use dtype=None, or model.float() first"
         )
 
 
@@ -118,8 +111,7 @@ def _sample(
     """The next token of each row (B,) from the last position's logits (B, vocab_size)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    # Less the row's maximum first: the same distribution, and no overflow to inf (then nan)
-    # when a tiny temperature divides large logits.
+    # Less the row's maximum first: no overflow to inf (then nan) under a tiny temperature.
     logits = logits.float()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
@@ -149,8 +141,7 @@ def _steps(
     attention_mask: torch.Tensor | None,
     dtype: torch.dtype | None,
 ) -> Iterator[torch.Tensor]:
-    """Check the arguments now, then hand back the loop that yields the next token of every
-    row (B,), one step at a time (a generator's body would only run at the first step)."""
+    """Check now (a generator's body would wait for the first step), then return the step loop."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     _check_prompt(model, idx, attention_mask, eos_id)
     _check_dtype(model, dtype, use_cache)
@@ -164,8 +155,8 @@ def _steps(
     def step_loop() -> Iterator[torch.Tensor]:
         batch, prompt_length = idx.shape
         context = model.cfg.context_length
-        # The prompt (and a window recomputed once it slides) runs in the model's own dtype: a
-        # half-precision matrix-matrix product is far slower than fp32 without native support.
+        # The prompt (and a slid window) runs in the model's own dtype: a half-precision
+        # matrix-matrix product is far slower than fp32 without native support.
         runner = fast_decode.decoder(model)
         stepper, cache = runner, None  # stepper runs the one-token steps
         if use_cache and prompt_length <= context:
@@ -241,9 +232,7 @@ def generate(
 ) -> torch.Tensor:
     """The prompt ids idx (B, T) followed by up to max_new_tokens sampled ids: (B, T + new).
 
-    dtype (torch.float16 or torch.bfloat16): run the one-token steps with the weights of the
-    matrix products in that dtype, everything else (the prompt too) in the model's own; faster
-    decoding on CPU (float16 most), at the price of ids that may differ.
+    dtype (float16 or bfloat16) narrows the one-token steps' weights (docs/generation.md).
     """
     steps = _steps(**locals())  # first in the body, locals() is the arguments
     return torch.cat([idx, *(token[:, None] for token in steps)], dim=1)

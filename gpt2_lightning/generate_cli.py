@@ -6,51 +6,39 @@ python -m gpt2_lightning.generate checkpoint=124M prompt="Hello, I'm a language 
 from __future__ import annotations
 
 import codecs
-import os
+import re
 import sys
 
 import hydra
 import torch
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
-from gpt2_lightning.cli import CONF, check_generate_command, one_line
-from gpt2_lightning.generate import _is_integer, check_sampling, stream
+from gpt2_lightning.cli import CONF, check_command_line, one_line_errors
+from gpt2_lightning.generate import check_sampling, is_integer, stream
 from gpt2_lightning.tokenizer import get_tokenizer
-from gpt2_lightning.weights import WeightsError, load_weights
+from gpt2_lightning.weights import load_weights
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None or name in ("float32", "fp32"):
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is invalid: use null (float32), bfloat16 or float16")
-    return DTYPES[name]
+# The one-token steps' dtype; null (the default) or float32: the model's own
+DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device={name!r} is invalid: use auto, cpu or cuda[:index]") from error
-    if device.type not in ("cpu", "cuda"):
+    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", name):
         raise ValueError(f"device={name!r} is not supported: use auto, cpu or cuda[:index]")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} is unavailable: this machine has no CUDA device")
-    return device
+    return torch.device(name)
 
 
 def _run(cfg: DictConfig) -> None:
     # Cheap arguments first, so a typo fails at once rather than after loading the weights.
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     num_samples, seed = cfg.num_samples, cfg.seed
-    if not _is_integer(num_samples) or num_samples < 1:
+    if not is_integer(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} is invalid: must be an integer >= 1")
-    if seed is not None and (not _is_integer(seed) or not -(2**63) <= seed < 2**64):
+    if seed is not None and (not is_integer(seed) or not -(2**63) <= seed < 2**64):
         raise ValueError(
             f"seed={seed!r} is invalid: must be an integer in [-2**63, 2**64), or null for a "
             "random one"
@@ -60,7 +48,9 @@ def _run(cfg: DictConfig) -> None:
             f"prompt={cfg.prompt!r} is not text: quote it for Hydra, e.g. 'prompt=\"1e3\"'"
         )
     device = _device(str(cfg.device))
-    dtype = _dtype(cfg.dtype)
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r} is invalid: use null (float32), bfloat16 or float16")
+    dtype = DTYPES.get(cfg.dtype)
     model = load_weights(str(cfg.checkpoint), key="checkpoint").to(device)
 
     tokenizer = get_tokenizer()
@@ -84,8 +74,8 @@ def _run(cfg: DictConfig) -> None:
         if num_samples > 1:
             print(f"--- sample {sample + 1} of {num_samples} ---")
         print(cfg.prompt, end="", flush=True)
-        # A character may span several tokens' bytes: the incremental decoder holds a partial
-        # character back until its last byte arrives instead of printing a replacement mark.
+        # A character may span several tokens: the decoder holds its first bytes back until the
+        # last arrives, rather than printing a replacement mark.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         tokens = stream(model, idx, cfg.max_new_tokens, **options, generator=generator, dtype=dtype)
         for token in tokens:
@@ -103,31 +93,16 @@ def _run(cfg: DictConfig) -> None:
 # An absolute path: run through generate.py's shim, this module is not __main__, and Hydra would
 # look for the configs as a Python package (conf/ has no __init__.py).
 @hydra.main(version_base=None, config_path=str(CONF), config_name="generate")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     """`python -m gpt2_lightning.generate checkpoint=... prompt=...`: stream text to stdout."""
-    try:
-        _run(cfg)
-    except BrokenPipeError:  # `... | head`: the reader has all it wants; stop quietly
-        # Python's recipe: point stdout at devnull, or its flush at exit fails once more.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    except (ValueError, OSError, WeightsError, OmegaConfBaseException) as error:
-        # Expected mistakes get one line; an exception escaping here would print a traceback.
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(1)
+    _run(cfg)
 
 
 def run() -> None:
-    """The command: its line checked in one line first, Ctrl-C ends it with 130, no traceback."""
-    try:
-        check_generate_command(sys.argv[1:])
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C while text streams
-        print(file=sys.stderr)
-        sys.exit(130)
+    """The command, its line checked before Hydra starts."""
+    check_command_line("generate", sys.argv[1:])
+    main()
 
 
 if __name__ == "__main__":

@@ -42,8 +42,7 @@ class GPTConfig:
         self.validate()
 
     def validate(self) -> None:
-        """The one place a config is checked (at creation, and again by GPT: a field may have
-        been set since); everything below trusts it."""
+        """The one place a config is checked (again by GPT: a field may have been set since)."""
         for name in ("vocab_size", "context_length", "emb_dim", "num_layers", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -78,13 +77,8 @@ class GPTConfig:
 
 
 class LayerNorm(nn.Module):
-    """Normalise each vector to zero mean and unit variance, then scale and shift (learned):
-
-        (x - mean(x)) / sqrt(var(x) + eps) * weight + bias     (var without Bessel's correction)
-
-    F.layer_norm does this in one pass over x, where the formula in torch ops takes seven (a
-    decoding step measured 6% slower at 124M that way). RMSNorm below is written out op by op.
-    """
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias, var without Bessel's correction: one
+    F.layer_norm pass instead of seven torch ops (measured: see docs/performance.md)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -113,12 +107,8 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, for every layer, allocated once per run.
-
-    Generation feeds one new token at a time; without a cache every step would recompute the keys
-    and values of the whole prefix. Each attention layer writes its new keys/values at
-    positions [length, length + T) and reads back [0, length + T).
-    """
+    """Keys and values of the positions seen so far, for every layer, allocated once per run: a
+    step writes its new ones at [length, length + T) instead of recomputing the whole prefix."""
 
     def __init__(
         self,
@@ -137,8 +127,7 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # narrow() rather than [:, :, a:b]: the same views without parsing an index tuple, and a
-        # decode step makes 4 per layer (measured 4-7% faster steps on small models)
+        # narrow() rather than [:, :, a:b]: the same views without parsing an index tuple
         keys, values = self.keys[layer], self.values[layer]  # (B, H, max_length, head_dim)
         T = k.size(2)
         keys.narrow(2, self.length, T).copy_(k)
@@ -147,12 +136,8 @@ class KVCache:
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention, all heads in one matrix product.
-
-    attention.py has the same computation spelled out step by step; here the scores, mask, softmax
-    and weighted sum are one call to scaled_dot_product_attention, which picks a fused kernel
-    (flash or memory-efficient attention) where the device has one.
-    """
+    """Causal multi-head self-attention, all heads in one matrix product (attention.py spells it
+    out): scaled_dot_product_attention picks a fused kernel where the device has one."""
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -212,10 +197,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: token ids (B, T) -> logits (B, T, vocab_size).
-
-    gpt2_lightning.weights adds from_pretrained, save_pretrained and from_checkpoint.
-    """
+    """GPT-2: token ids (B, T) -> logits (B, T, vocab_size); weights.py adds from_pretrained etc."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -252,13 +234,10 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids idx (B, T).
+        """Logits (B, T, vocab_size) for token ids idx (B, T), continuing from kv_cache if given.
 
-        kv_cache: continue from the positions it holds, and store this call's keys/values in it.
-        attention_mask: (B, past + T), 1 for real tokens and 0 for left padding; positions then
-        count real tokens only, so a padded prompt gets the logits it would get alone.
-        last_only: logits of the last position only, (B, 1, vocab_size). Generation needs no
-        more, and the 50257-wide head is the largest matrix product of a prompt's forward pass.
+        attention_mask (B, past + T) is 1 for real tokens, 0 for left padding: positions count
+        real tokens only. last_only skips the 50257-wide head for all but the last position.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx of shape {tuple(idx.shape)} is invalid: must be (batch, tokens)")
@@ -293,4 +272,4 @@ class GPT(nn.Module):
 
     def num_parameters(self) -> int:
         """Number of parameters; the tied embedding / lm_head matrix is counted once."""
-        return sum(p.numel() for p in self.parameters())  # parameters() yields shared ones once
+        return sum(p.numel() for p in self.parameters())

@@ -18,11 +18,8 @@ from gpt2_lightning.weights import load_weights
 
 
 class WarmupCosine:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to min_ratio.
-
-    Built from the run's config every time: a resumed run does not take the numbers back from
-    its checkpoint (GPTLightningModule.on_load_checkpoint).
-    """
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to min_ratio (1: constant).
+    Built from the run's config: a resumed run does not take it back from its checkpoint."""
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
         self.warmup_steps = warmup_steps
@@ -35,16 +32,6 @@ class WarmupCosine:
         decay_steps = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class Constant:
-    """Learning-rate multiplier: linear warmup to 1, then constant."""
-
-    def __init__(self, warmup_steps: int):
-        self.warmup_steps = warmup_steps
-
-    def __call__(self, step: int) -> float:
-        return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
 
 
 SCHEDULES = ("cosine", "constant")
@@ -184,18 +171,15 @@ class GPTLightningModule(L.LightningModule):
                     "resume with the run's model settings, or start a new run from its weights "
                     "with init_from=<the .ckpt>"
                 )
-        # The schedule is this run's config, and only the step count comes from the checkpoint:
-        # LambdaLR would restore its multiplier's attributes (total_steps, warmup_steps), so a
-        # run resumed with a larger trainer.max_steps would stay on the old, finished curve.
-        # Called before Lightning restores the schedulers from the same dict.
+        # Only the step count comes back: LambdaLR would restore its multiplier's attributes, and
+        # a run resumed with a larger trainer.max_steps would stay on the old, finished curve.
         for state in checkpoint.get("lr_schedulers", []):
             if "lr_lambdas" in state:
                 state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
 
     def on_train_start(self) -> None:
-        # After a resume, the optimizer holds the lr the checkpoint's schedule gave this step;
-        # set this run's (base lr x multiplier at the step reached), so that a new horizon
-        # applies from the first step. The same number when nothing changed.
+        # After a resume the optimizer holds the lr of the checkpoint's schedule: set this run's,
+        # so that a new horizon applies from the first step (the same number when unchanged).
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             factors = [factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
@@ -205,8 +189,8 @@ class GPTLightningModule(L.LightningModule):
                 group["lr"] = base * factor
 
     def on_train_end(self) -> None:
-        # What train.py reads after fit. ddp_spawn trains in processes of its own, which hand
-        # back only the weights and callback_metrics: the counts travel in the latter.
+        # Read after fit (validate_final_step): ddp_spawn's processes hand back only the weights
+        # and callback_metrics, so the counts travel in the latter.
         self.trainer.callback_metrics.update(
             {
                 "fit/global_step": torch.tensor(self.global_step),
@@ -221,8 +205,8 @@ class GPTLightningModule(L.LightningModule):
         self.log("train/grad_norm", grad_norm(self.model, norm_type=2)["grad_2.0_norm_total"])
 
     def setup(self, stage: str) -> None:
-        # FLOPs of one training batch, measured on the meta device (no memory, no compute), so
-        # the ThroughputMonitor can report model FLOPs utilisation where the device's peak is known.
+        # The model against the data it will see; then the FLOPs of one batch, measured on the
+        # meta device, for the ThroughputMonitor's MFU where the device's peak is known.
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
@@ -256,22 +240,21 @@ class GPTLightningModule(L.LightningModule):
             },
             {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # One kernel for all parameters instead of a loop over them: on CPU it made the 124M
-        # optimizer step 3.5x faster here (316 ms -> 89 ms), about 3% of a training step. Under
+        # Fused: one kernel for all parameters (the 124M optimizer step 3.5x faster on CPU). Under
         # mixed precision Lightning refuses to clip a fused optimizer's gradients (it would
-        # unscale them itself), so there AdamW keeps its default (foreach) implementation.
+        # unscale them itself): there AdamW keeps its default, foreach.
         mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
         fused = self.device.type in ("cuda", "cpu") and not mixed
         optimizer = torch.optim.AdamW(
             groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], fused=fused
         )
         sched = self.hparams.scheduler
-        if sched["name"] == "cosine":
-            factor = WarmupCosine(
-                sched["warmup_steps"], sched["total_steps"], sched.get("min_lr_ratio", 0.1)
-            )
-        else:
-            factor = Constant(sched["warmup_steps"])
+        cosine = sched["name"] == "cosine"
+        factor = WarmupCosine(
+            sched["warmup_steps"],
+            sched["total_steps"] if cosine else 1,
+            sched.get("min_lr_ratio", 0.1) if cosine else 1.0,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         schedule = {"scheduler": scheduler, "interval": "step"}  # stepped every optimizer step
         return {"optimizer": optimizer, "lr_scheduler": schedule}

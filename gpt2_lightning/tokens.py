@@ -2,8 +2,7 @@
 
 A source is a text file that data.path names (or the embedded corpus, when it names none), read as
 documents in pieces. Their ids, joined with <|endoftext|> as GPT-2 was trained, go to a uint16 file
-named by a hash of the tokenizer and the sources' bytes, reused by every later run.
-`python -m gpt2_lightning.data prepare <path>` (or `.tokens`) fills it ahead of training.
+named by a hash of the tokenizer and the sources' bytes, and reused by every later run.
 """
 
 from __future__ import annotations
@@ -29,12 +28,8 @@ from gpt2_lightning.files import atomic_file, cache_home
 from gpt2_lightning.tokenizer import get_tokenizer
 
 EMBEDDED = "embedded"  # display name of the default corpus
-# The encoding the cache holds, part of every cache key. A constant, so that a warm start need not
-# build the tokenizer; a test checks it against get_tokenizer().
-TOKENIZER = "gpt2:50257"
-# Text is tokenized in batches of a few pieces of at most about PIECE_BYTES per thread, so memory
-# stays flat whatever the size of a file or of the corpus.
-PIECE_BYTES = 4 << 20
+TOKENIZER = "gpt2:50257"  # in every cache key; a constant, so a warm start builds no tokenizer
+PIECE_BYTES = 4 << 20  # text is read in pieces of about this size: memory stays flat
 _PATH_HINT = "give a text file, a folder of *.txt files or a glob"
 
 
@@ -68,8 +63,7 @@ def embedded_documents() -> list[str]:
     """The default corpus, one document a topic of Python's language reference (data/README.md)."""
     from pydoc_data.topics import topics
 
-    # Runs of spaces collapsed, reST underlines dropped: a small model trained on the raw text
-    # learns mostly to print spaces.
+    # Runs of spaces collapsed, reST underlines dropped: on raw text a small model learns spaces.
     def clean(text: str) -> str:
         lines = (" ".join(line.split()) for line in text.splitlines())
         text = "\n".join(line for line in lines if not (line and set(line) <= set("*=-~^")))
@@ -78,13 +72,15 @@ def embedded_documents() -> list[str]:
     return [clean(topics[name]) for name in sorted(topics)]
 
 
-def _pieces(file: Path, piece_bytes: int) -> Iterator[str]:
-    """The text of file in pieces of about piece_bytes, so a large file is never in memory at once.
+# The last newline between non-space characters (Python's \s holds all the tokenizer's \s, and
+# more). The greedy .* backtracks from the end, so only the text after that newline is searched.
+_LAST_CUT = re.compile(r".*\S\n(?=\S)", re.DOTALL)
 
-    Each cut falls after a newline with non-space characters on both sides ("x\nY"): GPT-2's
-    pre-tokenizer makes that newline a token of its own, so the pieces' ids are the file's ids (a
-    cut in a run of spaces could change how it is split). A piece grows until it has such a place.
-    """
+
+def _pieces(file: Path, piece_bytes: int) -> Iterator[str]:
+    """The text of file in pieces of about piece_bytes, each cut after a newline in "x\nY"."""
+    # GPT-2's pre-tokenizer makes such a newline a token of its own, so the pieces' ids are the
+    # file's ids (a cut in a run of spaces could change how it is split).
     decoder = codecs.getincrementaldecoder("utf-8")()
     rest, offset, first = "", 0, True
     with open(file, "rb") as f:
@@ -105,27 +101,12 @@ def _pieces(file: Path, piece_bytes: int) -> Iterator[str]:
                     yield text
                 return
             # rest had no place to cut but maybe its very end, whose next character came now
-            cut = _last_cut(text, start=max(1, len(rest) - 2))
+            found = _LAST_CUT.match(text, max(0, len(rest) - 3))
+            cut = found.end() if found else 0
             if cut:
                 yield text[:cut]
                 first = False
             rest = text[cut:]
-
-
-# A newline with non-space characters on both sides (Python's isspace holds every character the
-# tokenizer's \s does, and a few more).
-_CUT = re.compile(r"\S\n(?=\S)")
-
-
-def _last_cut(text: str, start: int) -> int:
-    """The place after the last _CUT newline of text from start on (text before start was searched
-    already), or 0. The last 64 KB almost always hold one: only text without one is searched whole.
-    """
-    for window in (1 << 16, len(text)):
-        matches = list(_CUT.finditer(text, max(start, len(text) - window) - 1))
-        if matches:
-            return matches[-1].end()
-    return 0
 
 
 def _documents(files: list[Path] | None, piece_bytes: int) -> Iterator[tuple[str, bool]]:
@@ -153,11 +134,9 @@ def _batches(
 
 
 def encode_documents(documents: list[str], pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
-    """The token ids of each document, in order, as uint32 arrays, encoded on the pool's threads.
-
-    encode_to_numpy hands over tiktoken's buffer (encode_ordinary_batch builds an int per token);
-    with no special token allowed, <|endoftext|> inside a text is plain text.
-    """
+    """The token ids of each document, in order, as uint32 arrays, encoded on the pool's threads."""
+    # encode_to_numpy hands over tiktoken's buffer (encode_ordinary_batch builds an int per token);
+    # with no special token allowed, <|endoftext|> inside a text is plain text.
     enc = get_tokenizer()
     return pool.map(lambda doc: enc.encode_to_numpy(doc, disallowed_special=()), documents)
 
@@ -178,11 +157,8 @@ def cache_key(files: list[Path] | None) -> str:
 
 
 def stat_key(files: list[Path]) -> str:
-    """A hash of the tokenizer and each file's absolute path, size and modification time.
-
-    cache_key reads the whole corpus; the index maps this key, which reads nothing, to the content's
-    cache file. Like make and rsync, it takes a file with the same size and mtime as unchanged.
-    """
+    """A hash of the tokenizer and each file's absolute path, size and modification time."""
+    # Reads no byte of the corpus: like make and rsync, same size and mtime means unchanged.
     digest = hashlib.sha256(f"{TOKENIZER}\0".encode())
     for file in files:
         st = file.stat()
@@ -217,10 +193,9 @@ def tokenize_to_cache(
 
 
 def _tokenize(files: list[Path] | None, target: Path, progress: bool) -> None:
-    enc = get_tokenizer()
     target.parent.mkdir(parents=True, exist_ok=True)
     total = sum(f.stat().st_size for f in files) if files else None
-    eot = np.array([enc.eot_token], dtype=np.uint16).tobytes()
+    eot = np.uint16(get_tokenizer().eot_token).tobytes()
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     with (
         bar,  # closed on failure too
@@ -244,6 +219,7 @@ def load_tokens(file: Path) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m gpt2_lightning.data prepare <path>` (or `.tokens`): fill the cache early."""
     parser = argparse.ArgumentParser(prog="python -m gpt2_lightning.data")
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="tokenize a corpus into the token cache once")
@@ -254,24 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         file = tokenize_to_cache(args.path, args.cache_dir, progress=True)
+        if file.stat().st_size == 0:
+            raise ValueError(f"data.path={args.path!r} holds no text: the corpus is empty")
     except (ValueError, OSError) as error:  # OSError: a --cache-dir that cannot be a folder
-        # the path is this command's first argument, not a data.path= override
+        # named as this command's arguments, not as Hydra overrides
         message = str(error).replace("data.path=", "", 1).replace("data.cache_dir=", "--cache-dir ")
         print(f"error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was cached", file=sys.stderr)
         return 130
-    if file.stat().st_size == 0:
-        print(f"error: {args.path!r} holds no text: the corpus is empty", file=sys.stderr)
-        return 1
     print(f"{file.stat().st_size // 2:,} tokens cached in {file}")
     from gpt2_lightning.cli import override  # Hydra's parser: only this command needs it
 
-    keys = [override("data.path", args.path)]
-    if args.cache_dir:
-        keys.append(override("data.cache_dir", args.cache_dir))
-    command = " ".join(shlex.quote(key) for key in keys)  # quoted for Hydra, then the shell
+    keys = {"data.path": args.path, "data.cache_dir": args.cache_dir}
+    # quoted for Hydra, then for the shell
+    command = " ".join(shlex.quote(override(key, value)) for key, value in keys.items() if value)
     print(f"train on them with: python -m gpt2_lightning.train {command}")
     return 0
 

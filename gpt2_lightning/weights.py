@@ -1,8 +1,7 @@
 """Weights in and out of GPT: the official ones, Hugging Face folders, training checkpoints.
 
-OpenAI's weights are on the Hugging Face hub (`openai-community/gpt2`, -medium, -large, -xl) in
-transformers' GPT2LMHeadModel layout: other names, and Conv1D weights stored (in, out), the
-transpose of nn.Linear's (out, in). This module maps one layout onto the other, both ways.
+OpenAI's weights are on the Hugging Face hub in transformers' GPT2LMHeadModel layout: other names,
+and Conv1D weights stored (in, out), the transpose of nn.Linear's. This module maps both ways.
 
     python -m gpt2_lightning.weights download 124M        # fetch into the hub cache, print the path
     python -m gpt2_lightning.weights export <ckpt> <dir>  # a Lightning checkpoint as an HF folder
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -38,6 +36,8 @@ REPOS = {
     "774M": "openai-community/gpt2-large",
     "1558M": "openai-community/gpt2-xl",
 }
+OFFICIAL_SIZES = (*REPOS, *ALIASES)  # every name load_pretrained downloads
+VALID_SIZES = ", ".join(OFFICIAL_SIZES)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
@@ -52,30 +52,19 @@ class WeightsError(RuntimeError):
     """Weights that cannot be fetched, read or mapped onto our model."""
 
 
-def official_sizes() -> list[str]:
-    """Every name load_pretrained downloads: the sizes, then their Hugging Face aliases."""
-    return [*REPOS, *ALIASES]
-
-
 def download(size: str) -> Path:
     """Fetch an official size into the Hugging Face cache; the folder holding its two files."""
-    if ALIASES.get(size, size) not in REPOS:
-        raise ValueError(
-            f"unknown model size {size!r}: valid sizes are {', '.join(official_sizes())}"
-        )
-    repo = REPOS[ALIASES.get(size, size)]
+    repo = REPOS.get(ALIASES.get(size, size))
+    if repo is None:
+        raise ValueError(f"unknown model size {size!r}: valid sizes are {VALID_SIZES}")
     try:
         hf_hub_download(repo, CONFIG_FILE)
         return Path(hf_hub_download(repo, WEIGHTS_FILE)).parent
     except OSError as error:  # the hub's connection, offline and HTTP errors are all OSErrors
-        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-            reason = "the hub cannot be reached and the files are not in the local cache"
-        else:
-            reason = _first_line(error)
         raise WeightsError(
-            f"cannot download {repo} from the Hugging Face hub ({reason}): on a machine with "
-            f"internet run `python -m gpt2_lightning.weights download {size}`, or pass a local "
-            f"folder holding {CONFIG_FILE} and {WEIGHTS_FILE} instead of the size name"
+            f"cannot download {repo} from the Hugging Face hub ({_first_line(error)}): on a "
+            f"machine with internet run `python -m gpt2_lightning.weights download {size}`, or "
+            f"pass a local folder holding {CONFIG_FILE} and {WEIGHTS_FILE} instead of the size name"
         ) from error
 
 
@@ -83,22 +72,19 @@ def load_pretrained(name_or_path: str | Path) -> GPT:
     """A GPT holding official weights, by size name ('124M', 'gpt2', ...) or HF-format folder."""
     if not str(name_or_path).strip():  # Path("") is the current folder
         raise ValueError("'' is empty: pass an official size name or a folder")
-    path = Path(name_or_path)
-    if path.is_dir():  # as in transformers, an existing folder wins over a size of the same name
-        return load_folder(path)
-    if str(name_or_path) in official_sizes():
+    if Path(name_or_path).is_dir():  # as in transformers, a folder wins over a size name
+        return load_folder(name_or_path)
+    if str(name_or_path) in OFFICIAL_SIZES:
         return load_folder(download(str(name_or_path)))
     raise ValueError(
         f"{str(name_or_path)!r} is neither an official size nor an existing folder: valid sizes "
-        f"are {', '.join(official_sizes())}, or pass a folder holding {CONFIG_FILE} and "
-        f"{WEIGHTS_FILE}"
+        f"are {VALID_SIZES}, or pass a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}"
     )
 
 
 def load_folder(folder: str | Path) -> GPT:
     """A GPT from a Hugging Face GPT-2 folder: config.json and model.safetensors (.bin, shards)."""
-    folder = Path(folder)
-    config_path = folder / CONFIG_FILE
+    config_path = Path(folder) / CONFIG_FILE
     if not config_path.is_file():
         raise WeightsError(f"{folder} has no {CONFIG_FILE}: not a Hugging Face model folder")
     try:
@@ -109,11 +95,10 @@ def load_folder(folder: str | Path) -> GPT:
         raise WeightsError(f"{config_path} holds a {type(hf).__name__}, not a JSON object")
     cfg = config_from_hf(hf)
     hf_state = {}
-    for weights in weights_files(folder):
+    for weights in weights_files(Path(folder)):
         hf_state.update(read_weights(weights))
     state = state_from_hf(hf_state, cfg.num_layers)
-    # Built on the meta device: random init of what is overwritten at once would cost seconds
-    # for the large sizes; assign=True then adopts the loaded tensors as the parameters.
+    # On the meta device: a random init of what is overwritten at once would take seconds.
     with torch.device("meta"):
         model = GPT(cfg)
     try:
@@ -125,8 +110,7 @@ def load_folder(folder: str | Path) -> GPT:
 
 
 def weights_files(folder: Path) -> list[Path]:
-    """The files holding a folder's weights, in transformers' order of preference: one
-    model.safetensors, or its shards (named by an index), then the same for pytorch_model.bin."""
+    """A folder's weights files in transformers' order: safetensors (or shards), then .bin."""
     for name in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
         if (folder / name).is_file():
             return [folder / name]
@@ -134,8 +118,7 @@ def weights_files(folder: Path) -> list[Path]:
         if index.is_file():
             return _shards(index)
     raise WeightsError(
-        f"{folder} holds neither {WEIGHTS_FILE} nor {LEGACY_WEIGHTS_FILE} (nor an "
-        f"{WEIGHTS_FILE}{INDEX_SUFFIX} naming shards)"
+        f"{folder} holds no {WEIGHTS_FILE} or {LEGACY_WEIGHTS_FILE}, nor shards of them"
     )
 
 
@@ -166,13 +149,9 @@ def read_weights(weights: Path) -> dict[str, torch.Tensor]:
         else:
             hf_state = torch.load(weights, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise WeightsError(
-            f"{weights} is not a readable weights file ({type(error).__name__}: "
-            f"{_first_line(error)})"
-        ) from error
-    if not isinstance(hf_state, dict) or not all(
-        isinstance(v, torch.Tensor) for v in hf_state.values()
-    ):
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+        raise WeightsError(f"{weights} is not a readable weights file ({reason})") from error
+    if not isinstance(hf_state, dict) or any(not torch.is_tensor(v) for v in hf_state.values()):
         raise WeightsError(f"{weights} does not hold a dict of tensors")
     return hf_state
 
@@ -195,9 +174,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
     }
     for key, (ok, expected) in checks.items():
         if not ok:
-            raise WeightsError(
-                f"config.json has {key}={hf.get(key)!r}: only {expected} is supported"
-            )
+            raise WeightsError(f"config.json has {key}={hf.get(key)!r}: only {expected} works")
     try:
         return GPTConfig(
             vocab_size=hf["vocab_size"],
@@ -296,13 +273,10 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: GPT, directory: str | Path) -> None:
-    """Write config.json, generation_config.json and model.safetensors, a folder that
-    transformers.GPT2LMHeadModel.from_pretrained loads."""
+    """Write the folder transformers.GPT2LMHeadModel.from_pretrained loads (EXPORTED_FILES)."""
     cfg = model.cfg
     if cfg.norm != "layernorm":
-        raise ValueError(
-            f"norm={cfg.norm!r} cannot be exported: the GPT-2 format has LayerNorm only"
-        )
+        raise ValueError(f"norm={cfg.norm!r} cannot be exported: GPT-2 has LayerNorm only")
     if not cfg.qkv_bias:
         raise ValueError("qkv_bias=False cannot be exported: GPT-2's c_attn always has a bias")
     directory = Path(directory)
@@ -316,8 +290,7 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
         staging.chmod(umask_mode(0o777))  # mkdtemp's folder is private (0700); a model's is not
         hf = config_to_hf(cfg)
         (staging / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-        # What transformers' generate() starts from (it writes one too): stop at <|endoftext|>.
-        # Written every time, so an export over an older folder leaves no stale settings there.
+        # transformers' generate() stops at <|endoftext|> by it; rewritten, so none goes stale.
         generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id")}
         (staging / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(state_to_hf(model), staging / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -358,11 +331,8 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict:
             reason = f"{type(error).__name__}: {_first_line(error)}"
         raise WeightsError(f"{unreadable} ({reason})") from error
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not (
-        isinstance(hparams, dict)
-        and "model" in hparams
-        and isinstance(ckpt.get("state_dict"), dict)
-    ):
+    has_state = isinstance(hparams, dict) and isinstance(ckpt.get("state_dict"), dict)
+    if not has_state or "model" not in hparams:
         raise WeightsError(f"{unreadable} (no hyper_parameters.model and state_dict in it)")
     return ckpt
 
@@ -390,17 +360,16 @@ def load_weights(source: str, key: str = "init_from") -> GPT:
     path = Path(source)
     if path.is_file():
         return load_checkpoint(path, key)
-    if path.is_dir() or source in official_sizes():
+    if path.is_dir() or source in OFFICIAL_SIZES:
         return load_pretrained(source)
     raise ValueError(
         f"{key}={source!r} is neither a file, a folder nor an official size: pass a "
-        f"Lightning .ckpt, a Hugging Face folder or one of {', '.join(official_sizes())}"
+        f"Lightning .ckpt, a Hugging Face folder or one of {VALID_SIZES}"
     )
 
 
 def _first_line(error: BaseException) -> str:
-    """The reason in one line; a heading such as "Error(s) in loading state_dict for GPT:" keeps
-    the line that follows it (which tensor, which shapes)."""
+    """The reason in one line; a heading ending in ':' keeps the line after it (which tensor)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].endswith(":"):
         return f"{lines[0]} {lines[1]}"
@@ -417,8 +386,6 @@ def _export(checkpoint: str, directory: str, force: bool) -> None:
     if not directory.strip():  # Path("") is the current folder
         raise WeightsError("the folder to write is empty: pass its path")
     target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise WeightsError(f"{directory!r} is a file: pass a folder to write")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise WeightsError(f"{directory!r} exists and is not empty: choose another or add --force")
     model = load_checkpoint(checkpoint)
@@ -437,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("download", help="fetch an official size, print its cache folder")
-    fetch.add_argument("size", help=", ".join(official_sizes()))
+    fetch.add_argument("size", help=VALID_SIZES)
     export = commands.add_parser("export", help="write a Lightning checkpoint as an HF folder")
     export.add_argument("checkpoint", help="a .ckpt written by gpt2_lightning.train")
     export.add_argument("directory", help="the Hugging Face folder to write")

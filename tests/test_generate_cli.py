@@ -228,4 +228,4 @@ def test_generate_cli_ctrl_c_exits_130_without_a_traceback(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)  # reads stdout too: a full pipe would block
     assert process.returncode == 130
-    assert stderr == "\n"  # no traceback
+    assert stderr == "\ninterrupted\n"  # no traceback

@@ -112,3 +112,15 @@ def test_a_warmup_as_long_as_the_run_is_warned_about():
         warnings.simplefilter("always")
         GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=COSINE)
     assert [str(w.message) for w in caught if "warmup" in str(w.message)] == []
+
+
+def test_constant_schedule_warms_up_then_holds_the_peak():
+    constant = dict(name="constant", warmup_steps=2)
+    module = GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=constant)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(5):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.5e-3, 1e-3, 1e-3, 1e-3, 1e-3])
