@@ -1,13 +1,18 @@
-"""Small file helpers the rest of the package shares: atomic writes and the cache folder."""
+"""Small file helpers the rest of the package shares: atomic writes, their orphans, the cache."""
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+# A temporary file is named .tmp-<pid>@<host>-<random>.tmp: recognisable, and its writer known, so
+# a later run can tell a file whose writer was killed (an orphan) from one being written now.
+TEMP_PREFIX = ".tmp-"
 
 
 def cache_home(name: str) -> Path:
@@ -27,7 +32,10 @@ def umask_mode(mode: int) -> int:
 def atomic_file(target: Path, mode: str = "wb") -> Iterator[IO]:
     """A temporary file beside target that becomes target only when the block completes: no reader
     ever sees it half-written, and an error (or Ctrl-C) inside the block leaves nothing behind."""
-    with tempfile.NamedTemporaryFile(mode, dir=target.parent, suffix=".tmp", delete=False) as tmp:
+    prefix = f"{TEMP_PREFIX}{os.getpid()}@{socket.gethostname()}-"
+    with tempfile.NamedTemporaryFile(
+        mode, dir=target.parent, prefix=prefix, suffix=".tmp", delete=False
+    ) as tmp:
         try:
             yield tmp
             os.chmod(tmp.name, umask_mode(0o666))  # a temp file is private (0600); ours are not
@@ -36,3 +44,31 @@ def atomic_file(target: Path, mode: str = "wb") -> Iterator[IO]:
             os.unlink(tmp.name)
             raise
     os.replace(tmp.name, target)
+
+
+def remove_orphans(folder: Path) -> int:
+    """Remove the temporary files in folder whose writer, a process of this machine, is gone (a
+    kill -9, a crash); the bytes freed. Files of other machines (a shared folder) are left."""
+    freed = 0
+    for path in Path(folder).glob(f"{TEMP_PREFIX}*@*-*.tmp"):
+        pid, _, rest = path.name.removeprefix(TEMP_PREFIX).partition("@")
+        host = rest.rpartition("-")[0]
+        if not pid.isdigit() or host != socket.gethostname() or _running(int(pid)):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:  # removed by another run meanwhile, or not ours to remove
+            continue
+        freed += size
+    return freed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
