@@ -1,6 +1,7 @@
 """The three teaching attentions of gpt2_lightning.attention on one short sentence.
 
-    python examples/attention_demo.py
+    python examples/attention_demo.py                        # prints every step
+    python examples/attention_demo.py --plot attention.png   # and saves the weights as heat-maps
 
 Prints the shapes at each step and the attention weights: self-attention lets every token look
 at every other, causal attention hides the future (zeros above the diagonal), dropout zeroes
@@ -10,7 +11,9 @@ is the same on every run.
 
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,7 +34,44 @@ def print_weights(title: str, weights: torch.Tensor, labels: list[str]) -> None:
     print(f"row sums: {[round(s, 4) for s in weights.sum(dim=-1).tolist()]}")
 
 
+def plot_weights(path: Path, panels: dict[str, torch.Tensor], labels: list[str]) -> None:
+    """The (T, T) weight matrices side by side as heat-maps; masked (future) cells in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6), dpi=100)
+    future = torch.ones(len(labels), len(labels), dtype=torch.bool).triu(diagonal=1)
+    for ax, (title, weights) in zip(axes, panels.items(), strict=True):
+        masked = "causal" in title or "head" in title
+        shown = weights.masked_fill(future, float("nan")) if masked else weights
+        ax.set_facecolor("#d9d9d9")  # NaN cells are not drawn: the mask shows as grey
+        ax.imshow(shown, cmap="viridis", vmin=0, vmax=1)
+        for (i, j), value in zip(
+            torch.cartesian_prod(*(torch.arange(len(labels)),) * 2).tolist(),
+            shown.flatten().tolist(),
+            strict=True,
+        ):
+            if not math.isnan(value):
+                color = "black" if value > 0.5 else "white"
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("key (attended to)", fontsize=8)
+    axes[0].set_ylabel("query (attending)", fontsize=8)
+    figure.suptitle(f"attention weights on {TEXT!r} (grey: masked, the future)", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)
+    print(f"heat-maps saved: {path}")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plot", type=Path, help="save the attention weights as a PNG here")
+    args = parser.parse_args()
     torch.manual_seed(123)
     enc = get_tokenizer()
     ids = enc.encode(TEXT)
@@ -99,6 +139,14 @@ def main() -> None:
     for head in range(multi_weights.size(1)):
         print_weights(f"head {head} weights", multi_weights[0, head], labels)
     print(f"context: {tuple(multi_context.shape)}  (batch, tokens, heads * head size)")
+
+    if args.plot:
+        panels = {
+            "self-attention": self_weights[0],
+            "causal attention": causal_weights[0],
+            **{f"multi-head: head {h} of 2": multi_weights[0, h] for h in range(2)},
+        }
+        plot_weights(args.plot, panels, labels)
 
 
 if __name__ == "__main__":

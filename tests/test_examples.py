@@ -15,14 +15,14 @@ from gpt2_lightning import GPT, GPTConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(name: str, tmp_path: Path) -> list[str]:
+def run_example(name: str, tmp_path: Path, *args: str) -> list[str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "TIKTOKEN_CACHE_DIR": str(tmp_path / "tiktoken"),
     }
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / name)],
+        [sys.executable, str(ROOT / "examples" / name), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -54,7 +54,8 @@ def basic_usage(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def attention_demo(tmp_path_factory) -> list[str]:
-    return run_example("attention_demo.py", tmp_path_factory.mktemp("attention_demo"))
+    folder = tmp_path_factory.mktemp("attention_demo")
+    return run_example("attention_demo.py", folder, "--plot", str(folder / "attention.png"))
 
 
 def test_basic_usage_prints_parameter_counts(basic_usage):
@@ -119,3 +120,12 @@ def test_attention_demo_dropout_and_heads(attention_demo):
         weights = weight_table(attention_demo, f"head {head} weights", 6)
         assert (weights.sum(dim=-1) - 1.0).abs().max().item() < 1e-3
         assert torch.all(weights.triu(diagonal=1) == 0.0)
+
+
+def test_attention_demo_saves_the_heat_maps(attention_demo):
+    path = Path(value_of(attention_demo, "heat-maps saved"))
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert width > 3 * height > 900  # four square panels side by side
+    assert path.stat().st_size < 200_000
