@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: argument checks, timing, hardware ceilings, tables.
+"""What the benchmark scripts share: argument checks, timing, hardware ceilings, tables, charts.
 
 The scripts import this as `common` (they are run as files, so their folder is on sys.path).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -103,3 +104,27 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
         )
 
     return "\n".join([line(header), line(["-" * width for width in widths]), *map(line, rows)])
+
+
+def save_ratio_chart(path: Path, title: str, ratios: dict[str, float], reference: str) -> None:
+    """A horizontal bar per variant: its speed over the reference's (the line at 1.0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    labels = list(ratios)
+    figure, ax = plt.subplots(figsize=(7.5, 0.8 + 0.38 * len(labels)), dpi=100)
+    colors = ["#4c72b0" if value >= 1 else "#c44e52" for value in ratios.values()]
+    bars = ax.barh(labels, list(ratios.values()), color=colors)
+    ax.bar_label(bars, [f"{value:.2f}x" for value in ratios.values()], padding=3, fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()  # the first variant on top, as in the table
+    ax.set_xlim(0, max(ratios.values()) * 1.15)
+    ax.set_xlabel(f"speed over {reference}'s (1.0: as fast)", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.set_title(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)
+    print(f"chart saved: {path}")

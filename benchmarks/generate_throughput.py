@@ -25,6 +25,7 @@ from common import (
     positive_int,
     read_bandwidth,
     resolve_device,
+    save_ratio_chart,
     timed,
 )
 
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=positive_int, help="new tokens per run (default 64)")
     parser.add_argument("--prompt", type=positive_int, default=16, help="prompt tokens (def. 16)")
     parser.add_argument("--repeats", type=positive_int, help="rounds over the variants (def. 3)")
+    parser.add_argument("--chart", type=Path, help="also save the ratios as a bar chart (PNG)")
     parser.add_argument(
         "--bandwidth-mib", type=positive_int, help="buffer for the bandwidth probe (def. 1024)"
     )
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # "Loading weights: 100%|..."
 
-    rows, roofline_lines, all_equal = [], [], True
+    rows, roofline_lines, all_equal, ratios = [], [], True, {}
     bandwidth = read_bandwidth(args.device, args.bandwidth_mib << 20, repeats=5)
     for shape in args.shapes:
         ours, theirs = same_weights(GPTConfig.from_name(SHAPES[shape]), args.device)
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
             median, same_ids = measure(ours, theirs, batch, args)
             all_equal = all_equal and same_ids[CACHED] and same_ids[UNCACHED]
             for name, speed in median.items():
+                if name != TRANSFORMERS:
+                    ratios[f"{shape}, batch {batch}: {name}"] = speed / median[TRANSFORMERS]
                 rows.append(
                     [
                         shape,
@@ -212,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(header, rows))
     print()
     print(f"greedy ids equal to transformers': {all_equal}")
+    if args.chart:
+        title = f"greedy decoding, {args.device}: tokens/s against transformers at the same batch"
+        save_ratio_chart(args.chart, title, ratios, "transformers")
     print()
     print(
         f"roofline: memory read bandwidth {bandwidth / 1e9:,.1f} GB/s "

@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -30,6 +31,7 @@ from common import (
     peak_matmul_flops,
     positive_int,
     resolve_device,
+    save_ratio_chart,
     synchronize,
 )
 from lightning.fabric.utilities.throughput import measure_flops
@@ -72,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="32: fp32 (default); bf16: bf16 mixed precision (autocast, fp32 weights)",
     )
     parser.add_argument("--repeats", type=positive_int, help="rounds over the variants (def. 3)")
+    parser.add_argument("--chart", type=Path, help="also save the ratios as a bar chart (PNG)")
     parser.add_argument("--steps", type=positive_int, help="timed steps per round (default 3)")
     parser.add_argument(
         "--warmup", type=non_negative_int, help="untimed steps before each round's (default 1)"
@@ -293,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Lightning / plain loop: {median[LIGHTNING] / median[PLAIN]:.2f}x")
     if COMPILED in median:
         print(f"torch.compile / plain loop: {median[COMPILED] / median[PLAIN]:.2f}x")
+    if args.chart:
+        title = f"training GPT-2 {args.size}, {precision}, {args.device}: tokens/s"
+        ratios = {name: speed / median[TRANSFORMERS] for name, speed in median.items()}
+        save_ratio_chart(args.chart, title, ratios, "transformers")
 
 
 if __name__ == "__main__":

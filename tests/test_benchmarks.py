@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_quick(script: str) -> list[str]:
+def run_quick(script: str, *args: str) -> list[str]:
     """stdout lines of `python benchmarks/<script> --quick`, run from the repository root."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -52,8 +52,15 @@ def line_value(lines: list[str], label: str) -> str:
     return matches[0]
 
 
-def test_train_throughput_prints_every_variant() -> None:
-    lines = run_quick("train_throughput.py")
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height of a PNG file, from its header."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_train_throughput_prints_every_variant(tmp_path) -> None:
+    lines = run_quick("train_throughput.py", "--chart", str(tmp_path / "train.png"))
     rows = {row["variant"]: row for row in table(lines)}
     assert set(rows) == {
         "ours: plain loop",
@@ -68,10 +75,12 @@ def test_train_throughput_prints_every_variant() -> None:
         assert tokens_per_step == pytest.approx(64, rel=0.01)
     assert rows["transformers GPT2LMHeadModel"]["vs transformers"] == "1.00x"
     assert number(line_value(lines, "Lightning / plain loop")) > 0
+    width, height = png_size(Path(line_value(lines, "chart saved")))
+    assert width > height > 100 and (tmp_path / "train.png").stat().st_size < 200_000
 
 
-def test_generate_throughput_prints_every_variant_with_the_same_ids() -> None:
-    lines = run_quick("generate_throughput.py")
+def test_generate_throughput_prints_every_variant_with_the_same_ids(tmp_path) -> None:
+    lines = run_quick("generate_throughput.py", "--chart", str(tmp_path / "decode.png"))
     rows = {(row["shape"], row["batch"], row["variant"]): row for row in table(lines)}
     bf16, fp16 = "ours, KV cache, bf16 steps", "ours, KV cache, fp16 steps"  # ids may differ
     variants = ("ours, KV cache", "ours, no cache", bf16, fp16, "transformers")
@@ -83,6 +92,8 @@ def test_generate_throughput_prints_every_variant_with_the_same_ids() -> None:
         expected = {"transformers": {"-"}, bf16: either, fp16: either}.get(key[2], {"True"})
         assert row["same ids"] in expected, key
     assert line_value(lines, "greedy ids equal to transformers'") == "True"
+    width, height = png_size(Path(line_value(lines, "chart saved")))
+    assert width > height > 100  # one bar for each of ours per shape and batch
     ceilings = {}
     for label in ("small", "small, fp16 steps"):
         roofline = line_value(lines, label)
