@@ -1,6 +1,6 @@
 """What Lightning lacks: text samples, RNG state for exact resume, a last.ckpt of the final step,
-Ctrl-C as a stop after the step, tokens/s in the progress bar, glibc's allocator kept warm, and
-the run summary."""
+checkpoints written atomically (a failed write in one line), Ctrl-C as a stop after the step,
+tokens/s in the progress bar, glibc's allocator kept warm, and the run summary."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gpt2_lightning.files import atomic_file
+from gpt2_lightning.files import atomic_file, remove_orphans
 from gpt2_lightning.generate import check_sampling, generate
 from gpt2_lightning.tokenizer import get_tokenizer
 
@@ -142,14 +143,34 @@ class RNGState(L.Callback):
         random.setstate((version, tuple(values), gauss))
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint folder or file that cannot be written (a full disk, a folder under a file, no
+    permission): its message is the one line the user sees."""
+
+
 class LastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose last.ckpt always holds the final step: upstream writes it at the end
     only if no "last" was saved earlier, leaving an older one when a run stops between two
-    validations."""
+    validations. Before the first step it makes sure its folder can be written (upstream finds out
+    at the first save) and removes the temporary files of checkpoint writers that were killed."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._saving_at_train_end = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if "://" in self.dirpath:  # s3://, gs://, ...: Lightning's fsspec writer
+            return
+        folder = Path(self.dirpath)
+        try:  # on every rank: one failing alone would leave the others waiting for it
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            reason = error.strerror or error
+            raise CheckpointWriteError(f"cannot write checkpoints in {folder}: {reason}") from error
+        if trainer.is_global_zero and (freed := remove_orphans(folder)):
+            rank_zero_info(f"removed orphaned temporary files: {freed / 1e6:.1f} MB in {folder}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
@@ -165,9 +186,11 @@ class LastCheckpoint(ModelCheckpoint):
         # last.ckpt only: upstream also writes a file named like the best ones, with a loss not
         # measured on its weights. Nothing for a KeyboardInterrupt in one process: it is a second
         # Ctrl-C (StopOnCtrlC turns the first into a stop after the step), mid-step, where the
-        # data loader is a batch ahead of the weights.
+        # data loader is a batch ahead of the weights. Nor after a write that failed: it would
+        # fail again.
         second_ctrl_c = isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1
-        if self._should_save_on_exception(trainer) and not second_ctrl_c:
+        failed_write = isinstance(exception, CheckpointWriteError)
+        if self._should_save_on_exception(trainer) and not (second_ctrl_c or failed_write):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_save_checkpoint(
@@ -188,16 +211,33 @@ class LastCheckpoint(ModelCheckpoint):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, with the temporary file beside the checkpoint: Lightning's
     sits in the system's temp folder, and a move from a tmpfs /tmp is a copy that a crash can leave
-    half done, where a rename in the folder is all or nothing. The file gets the umask's mode."""
+    half done, where a rename in the folder is all or nothing. The file gets the umask's mode. A
+    write that fails is a CheckpointWriteError naming the file, the reason and the last checkpoint
+    written; the older ones are left as they were."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_written = "none yet"
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         if "://" in str(path):  # s3://, gs://, ...: Lightning's fsspec writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(Path(path)) as out:
-            torch.save(checkpoint, out)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(Path(path)) as out:
+                torch.save(checkpoint, out)
+        except (OSError, RuntimeError) as error:
+            # torch.save raises a RuntimeError on top of a failed write's OSError (its context)
+            reason = error if isinstance(error, OSError) else error.__context__
+            if not isinstance(reason, OSError):
+                raise
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {path}: {reason.strerror or reason}; the last good one "
+                f"is {self.last_written}"
+            ) from error
+        self.last_written = f"{path} (step {checkpoint['global_step']})"
 
 
 class ProgressBar(TQDMProgressBar):

@@ -183,16 +183,34 @@ def check_generate_command(args: list[str]) -> None:
 def check_command_line(name: str, args: list[str]) -> None:
     """Exit with one line, before Hydra makes a run folder or starts a sweep, on a command line it
     would refuse in several: an override it cannot read, an option conf/ lacks, a key the config
-    lacks. A sweep is composed with the first value of each swept key. Flags (--cfg, --help,
-    --config-dir, ...) are Hydra's; what only a job can judge is the job's."""
+    lacks, a run folder Hydra cannot make. A sweep is composed with the first value of each swept
+    key. Flags (--cfg, --help, --config-dir, ...) are Hydra's; what only a job can judge is the
+    job's."""
     try:
         if name == "generate":
             check_generate_command(args)
         elif not any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
             check_config_choices(args)
-            _compose_first_values(name, [a for a in args if not a.startswith("-")])
+            cfg = _compose_first_values(name, [a for a in args if not a.startswith("-")])
+            if cfg is not None:
+                sweep = "-m" in args or "--multirun" in args or cfg.hydra.mode == RunMode.MULTIRUN
+                check_output_folder(cfg, "hydra.sweep.dir" if sweep else "hydra.run.dir")
     except ValueError as error:
         sys.exit(f"error: {error}")
+
+
+def check_output_folder(cfg: DictConfig, key: str) -> None:
+    """The run (or sweep) folder at key must be one this user can make: Hydra makes it before the
+    program runs, and a regular file in its way, or a folder not writable, is Hydra's traceback."""
+    try:
+        folder = Path(OmegaConf.select(cfg, key))
+    except OmegaConfBaseException:
+        return  # ${hydra:...}: only Hydra's run resolves it
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{key}={folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={folder}: this user cannot write in {existing}")
 
 
 def check_config_choices(args: list[str]) -> None:
@@ -230,9 +248,10 @@ def _natural_order(name: str) -> tuple[int, str]:
     return (int(number.group()) if number else 1 << 62, name)
 
 
-def _compose_first_values(name: str, texts: list[str]) -> None:
+def _compose_first_values(name: str, texts: list[str]) -> DictConfig | None:
     """Compose the overrides, a sweep with its first values (x=a,b as x=a); a swept key that
-    compose cannot take (range(), interval()) must exist in the composed config."""
+    compose cannot take (range(), interval()) must exist in the composed config. The config, or
+    None where Hydra's own report will say what is wrong."""
     fixed, given, swept = [], {}, {}
     for text in texts:
         override = parse(text)
@@ -250,13 +269,14 @@ def _compose_first_values(name: str, texts: list[str]) -> None:
         reason = composition_error(name, error, fixed, given, can_add=name != "generate")
         raise ValueError(reason) from None
     except Exception:
-        return  # Hydra's own report will say what is wrong
+        return None
     for key, override in swept.items():
         if override.get_key_element().startswith("+") or key.startswith("hydra") or "/" in key:
             continue
         try:
             missing = OmegaConf.select(cfg, key, default=KeyError) is KeyError
         except OmegaConfBaseException:
-            return
+            break
         if missing:
             raise ValueError(unknown_key(name, key, override.input_line, fixed))
+    return cfg

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gpt2_lightning.tokens import EMBEDDED, load_tokens, main, source_files, tokenize_to_cache
+from gpt2_lightning.tokens import (
+    EMBEDDED,
+    VOCAB_SIZE,
+    cache_folder,
+    load_tokens,
+    main,
+    read_record,
+    rebuild_command,
+    remove_orphaned_files,
+    source_files,
+    tokenize_to_cache,
+)
 
 # What decides the windows and batches, and so what a saved data loader position means.
 WINDOW_SETTINGS = ("path", "context_length", "stride", "batch_size", "val_fraction")
@@ -59,6 +71,8 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         seed: int = 0,
+        val_windows: int | None = 256,
+        verify: bool = False,
     ):
         super().__init__()
         if not isinstance(val_fraction, int | float) or not 0.0 <= val_fraction < 1.0:
@@ -70,21 +84,35 @@ class TextDataModule(L.LightningDataModule):
         self.stride = context_length if stride is None else _integer("stride", stride, 1)
         self.num_workers = _integer("num_workers", num_workers, 0)
         self.seed = _integer("seed", seed, 0)  # the shuffle of DistributedSampler (several devices)
+        self.val_windows = None if val_windows is None else _integer("val_windows", val_windows, 1)
+        if not isinstance(verify, bool):
+            raise ValueError(f"data.verify={verify!r} is invalid: use true or false")
+        self.verify = verify
         if path is not None:
             source_files(path)  # fail now, before a trainer is built, if the path is wrong
         self.path = path
         self.cache_dir = cache_dir
+        self.cache_file: Path | None = None  # the token cache, once found (and checked)
+        self.max_id: int | None = None  # the largest id in the data, after setup
         self.train_set: SlidingWindowDataset | None = None
         self.val_set: SlidingWindowDataset | None = None
 
     def prepare_data(self) -> None:
-        # Lightning calls this on one process per node only: the cache is written once.
-        tokenize_to_cache(self.path, self.cache_dir, progress=True)
+        # Lightning calls this on one process per node only: the cache is cleaned and written
+        # once; setup on this process reuses the file (validate and fit each call both hooks).
+        if self.cache_file is None:
+            remove_orphaned_files(cache_folder(self.cache_dir))
+            self.cache_file = tokenize_to_cache(
+                self.path, self.cache_dir, progress=True, verify=self.verify
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        ids = load_tokens(tokenize_to_cache(self.path, self.cache_dir))
+        if self.cache_file is None:  # another rank, or no Trainer: checked here
+            self.cache_file = tokenize_to_cache(self.path, self.cache_dir, verify=self.verify)
+        ids = load_tokens(self.cache_file)
+        self.max_id = read_record(self.cache_file).max_id
         window = self.context_length + 1
         source = self.path or EMBEDDED
         if len(ids) == 0:
@@ -151,7 +179,25 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.val_set, train=False)
+        # val_windows spread evenly over the validation set: a validation costs the same whatever
+        # the corpus size, and sees the same windows in every run, on any number of devices.
+        count, dataset = self.val_windows, self.val_set
+        if count is not None and count < len(dataset):
+            dataset = Subset(dataset, [i * len(dataset) // count for i in range(count)])
+        return self._loader(dataset, train=False)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # A cache file over CHECKSUM_BYTES is checked by its size only (unless data.verify): an id
+        # it holds beyond the vocabulary is refused here, in the main process, in one line, rather
+        # than as an IndexError in the embedding. A max over the batch costs microseconds.
+        largest = max(int(batch[0].max()), int(batch[1].max()))
+        if largest >= VOCAB_SIZE:
+            raise ValueError(
+                f"data.path={self.path or EMBEDDED!r}: its token cache {self.cache_file} holds id "
+                f"{largest}, beyond the GPT-2 vocabulary's {VOCAB_SIZE}: the file is damaged; "
+                f"rebuild it with {rebuild_command(self.path, cache_folder(self.cache_dir))}"
+            )
+        return batch
 
 
 if __name__ == "__main__":  # python -m gpt2_lightning.data prepare, as documented

@@ -31,19 +31,20 @@ def umask_mode(mode: int) -> int:
 @contextmanager
 def atomic_file(target: Path, mode: str = "wb") -> Iterator[IO]:
     """A temporary file beside target that becomes target only when the block completes: no reader
-    ever sees it half-written, and an error (or Ctrl-C) inside the block leaves nothing behind."""
+    ever sees it half-written, and an error (or Ctrl-C) inside the block, or in writing its last
+    bytes, leaves nothing behind."""
     prefix = f"{TEMP_PREFIX}{os.getpid()}@{socket.gethostname()}-"
-    with tempfile.NamedTemporaryFile(
+    tmp = tempfile.NamedTemporaryFile(
         mode, dir=target.parent, prefix=prefix, suffix=".tmp", delete=False
-    ) as tmp:
-        try:
+    )
+    try:
+        with tmp:  # closed inside the try: close writes the last bytes, which a full disk refuses
             yield tmp
-            os.chmod(tmp.name, umask_mode(0o666))  # a temp file is private (0600); ours are not
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, target)
+        os.chmod(tmp.name, umask_mode(0o666))  # a temp file is private (0600); ours are not
+        os.replace(tmp.name, target)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
 
 
 def remove_orphans(folder: Path) -> int:

@@ -4,6 +4,7 @@ corpora and checkpoints, read a run's TensorBoard logs."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -104,3 +105,24 @@ def text_samples(run_dir: Path) -> list[str]:
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     return [e.tensor_proto.string_val[0].decode() for e in events.Tensors("sample/text_summary")]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (a writer killed with -9, as remove_orphans sees it)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def temp_file(folder: Path, pid: int, size: int, host: str | None = None) -> Path:
+    """A file named as files.atomic_file names its temporary files, left by writer pid on host,
+    of size bytes (sparse)."""
+    path = folder / f".tmp-{pid}@{host or socket.gethostname()}-k3x9_q.tmp"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def messages(stderr: str) -> list[str]:
+    """stderr's lines, the progress bar's left out."""
+    return [line for line in stderr.splitlines() if line and "tokenizing:" not in line]

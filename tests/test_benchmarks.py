@@ -136,3 +136,12 @@ def test_a_device_the_scripts_cannot_use_is_refused_in_one_line(device, message,
         resolve_device(parser, device)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"bench: error: {message}"
+
+
+def test_cache_startup_times_both_starts() -> None:
+    lines = run_quick("cache_startup.py")
+    rows = table(lines)
+    assert len(rows) == 2  # a start that checks the size only, and one that checksums too
+    for row in rows:
+        assert number(row["total (s)"]) > 0 and number(row["peak RSS (MiB)"]) > 0
+    assert "GB/s" in line_value(lines, "CRC-32 of the file alone")

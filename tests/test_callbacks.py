@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 
 from gpt2_lightning.callbacks import (
     AtomicCheckpointIO,
+    CheckpointWriteError,
     RunSummary,
     StopOnCtrlC,
     TextSample,
@@ -41,7 +42,7 @@ def test_checkpoints_are_written_beside_their_place_then_renamed(tmp_path, monke
 
     monkeypatch.setattr(os, "replace", recording)
     target = tmp_path / "checkpoints" / "last.ckpt"
-    AtomicCheckpointIO().save_checkpoint({"step": torch.arange(3)}, target)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3, "step": torch.arange(3)}, target)
     # Lightning's own writer made its temporary file in the system's temp folder (a copy into
     # place when that is another filesystem); a rename in the same folder is all or nothing
     assert renames == [(target.parent, target)]
@@ -50,6 +51,21 @@ def test_checkpoints_are_written_beside_their_place_then_renamed(tmp_path, monke
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_the_last_good_one(tmp_path):
+    (tmp_path / "afile").write_text("")
+    writer = AtomicCheckpointIO()
+    with pytest.raises(CheckpointWriteError) as error:
+        writer.save_checkpoint({"global_step": 2}, tmp_path / "afile" / "ckpts" / "last.ckpt")
+    assert str(error.value) == (
+        f"cannot write checkpoint {tmp_path}/afile/ckpts/last.ckpt: Not a directory; the last "
+        "good one is none yet"
+    )
+    writer.save_checkpoint({"global_step": 3}, tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointWriteError, match=rf"one is {tmp_path}/last.ckpt \(step 3\)$"):
+        writer.save_checkpoint({"global_step": 4}, tmp_path / "afile" / "ckpts" / "last.ckpt")
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"global_step": 3}
 
 
 def test_text_samples_are_skipped_with_a_warning_when_the_weights_are_sharded():

@@ -5,13 +5,14 @@ Every case fails before the first training step, so each run costs about the imp
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_module
+from conftest import ROOT, run_module, scalars
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -327,3 +328,38 @@ def test_runs_from_another_directory_with_relative_paths(run_train, tmp_path):
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
     assert (tmp_path / "relative_run" / ".hydra" / "config.yaml").is_file()
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_run_folder_under_a_regular_file_is_one_line(run_train, tmp_path):
+    # Hydra makes the folder before the program runs: its own report is a traceback
+    (tmp_path / "afile").write_text("")
+    line = error_line(run_train(run_dir=tmp_path / "afile" / "run"))
+    assert line == (
+        f"error: hydra.run.dir={tmp_path}/afile/run: {tmp_path}/afile is a file, not a folder"
+    )
+    assert (tmp_path / "afile").read_text() == ""
+
+
+def test_a_sweep_folder_is_checked_as_a_run_folder(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    sweep = tmp_path / "afile" / "sweep"
+    message = f"error: hydra.sweep.dir={sweep}: {tmp_path}/afile is a file, not a folder"
+    assert refusal(["-m", "seed=1,2", f"hydra.sweep.dir={sweep}"]) == message
+    assert refusal(["hparams_search=optuna", f"hydra.sweep.dir={sweep}"]) == message  # no -m
+    assert refusal([f"hydra.sweep.dir={sweep}"]) is None  # one run: its folder is hydra.run.dir
+    # root writes anywhere: stand in for a folder this user may not write in
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert refusal([f"hydra.run.dir={tmp_path}/run"]) == (
+        f"error: hydra.run.dir={tmp_path}/run: this user cannot write in {tmp_path}"
+    )
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_found_before_the_first_step(
+    run_train, tmp_path
+):
+    (tmp_path / "afile").write_text("")  # a path under a regular file: root cannot write there
+    folder = tmp_path / "afile" / "checkpoints"
+    result = run_train(f"callbacks.model_checkpoint.dirpath={folder}")
+    assert error_line(result) == f"error: cannot write checkpoints in {folder}: Not a directory"
+    assert checkpoints(tmp_path) == []
+    assert "train/loss" not in scalars(tmp_path / "run")  # not a step trained

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, write
+from conftest import TEXT, dead_pid, messages, temp_file, write
 from torch.utils.data import SequentialSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
+from gpt2_lightning import tokens
 from gpt2_lightning.data import SlidingWindowDataset, TextDataModule
+from gpt2_lightning.module import GPTLightningModule
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.tokens import load_tokens, tokenize_to_cache
 
@@ -237,6 +241,9 @@ def test_glob_matching_nothing_is_refused(tmp_path):
         ({"seed": 1.5}, "data.seed=1.5 is invalid"),
         ({"batch_size": True}, "data.batch_size=True is invalid: must be a positive integer"),
         ({"seed": False}, "data.seed=False is invalid: must be an integer >= 0"),
+        ({"val_windows": 0}, "data.val_windows=0 is invalid: must be a positive integer"),
+        ({"val_windows": 2.5}, "data.val_windows=2.5 is invalid"),
+        ({"verify": "yes"}, "data.verify='yes' is invalid: use true or false"),
     ],
 )
 def test_invalid_numbers_are_refused(kwargs, message):
@@ -261,3 +268,104 @@ def test_resuming_with_other_windows_warns_that_the_resume_is_not_exact(text_fil
         UserWarning, match=r"resuming with data.batch_size=16 \(the checkpoint's run"
     ):
         resumed.load_state_dict(saved)
+
+
+# --- bounded validation --------------------------------------------------------------------------
+
+
+def test_validation_takes_val_windows_spread_evenly_and_the_same_every_time(text_file, tmp_path):
+    # 599 tokens, 59 of them validation: at stride 2, 28 windows of 4 + 1 tokens; 5 taken.
+    kwargs = dict(context_length=4, stride=2, batch_size=2, val_windows=5)
+    dm = setup_module_on(text_file, tmp_path, **kwargs)
+    assert len(dm.val_set) == 28
+    taken = [0, 5, 11, 16, 22]  # i * 28 // 5
+    assert len(dm.val_dataloader().dataset) == 5
+    batches = [x for x, _ in dm.val_dataloader()]
+    assert torch.equal(torch.cat(batches), torch.stack([dm.val_set[i][0] for i in taken]))
+    again = [x for x, _ in setup_module_on(text_file, tmp_path, **kwargs).val_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+@pytest.mark.parametrize("val_windows", [None, 28, 1000])
+def test_validation_takes_every_window_when_asked_or_when_there_are_fewer(
+    text_file, tmp_path, val_windows
+):
+    dm = setup_module_on(text_file, tmp_path, context_length=4, stride=2, val_windows=val_windows)
+    assert dm.val_dataloader().dataset is dm.val_set
+    assert len(dm.val_set) == 28
+
+
+def test_the_default_run_still_validates_on_every_window(token_cache):
+    # conf's defaults: the tiny model's 128 tokens, batches of 8, the embedded corpus
+    dm = TextDataModule(context_length=128, batch_size=8, cache_dir=str(token_cache))
+    dm.setup("fit")
+    assert dm.val_windows == 256
+    assert len(dm.val_set) == 89  # 11,508 tokens: 89 x 128 = 11,392 of them predicted
+    assert dm.val_dataloader().dataset is dm.val_set
+
+
+# --- what a start finds in the token cache -------------------------------------------------------
+
+
+def test_setup_exposes_the_largest_id(text_file, tmp_path):
+    dm = setup_module_on(text_file, tmp_path, context_length=8)
+    largest = max(get_tokenizer().encode_ordinary(TEXT))
+    assert dm.max_id == int(load_tokens(dm.cache_file).max()) == largest
+
+
+def test_setup_trains_on_all_the_text_after_its_cache_was_truncated(text_file, tmp_path, capsys):
+    windows = len(setup_module_on(text_file, tmp_path, context_length=8).train_set)
+    target = tokenize_to_cache(text_file, tmp_path / "cache")
+    size = target.stat().st_size
+    os.truncate(target, 600)  # half of it, an even size
+    dm = setup_module_on(text_file, tmp_path, context_length=8)
+    assert len(dm.train_set) == windows  # not half of them
+    assert capsys.readouterr().err == (
+        f"token cache {target} does not match its record (size: 600 bytes, the record says "
+        f"{size:,}): tokenizing again\n"
+    )
+
+
+def test_prepare_data_removes_orphans_once_and_says_so(text_file, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    orphan = temp_file(cache, dead_pid(), 2_500_000)
+    dm = TextDataModule(path=str(text_file), context_length=8, cache_dir=str(cache))
+    dm.prepare_data()  # trainer.validate
+    dm.prepare_data()  # then trainer.fit
+    dm.setup("fit")
+    assert messages(capsys.readouterr().err) == [
+        f"removed orphaned temporary files: 2.5 MB in {cache}"
+    ]
+    assert not orphan.exists()
+    assert dm.cache_file == tokenize_to_cache(text_file, cache) and dm.cache_file.exists()
+
+
+def test_an_id_beyond_the_vocabulary_stops_training_in_one_line(text_file, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    target = tokenize_to_cache(text_file, cache)
+    np.full(target.stat().st_size // 2, 65535, dtype=np.uint16).tofile(target)  # random bytes
+    monkeypatch.setattr(tokens, "CHECKSUM_BYTES", 0)  # as a file over 1 GiB: checked by size
+    dm = TextDataModule(path=str(text_file), context_length=8, batch_size=4, cache_dir=str(cache))
+    module = GPTLightningModule(
+        model=dict(vocab_size=50257, context_length=8, emb_dim=16, num_layers=1, num_heads=2),
+        optimizer=dict(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.95], eps=1e-8),
+        scheduler=dict(name="constant", warmup_steps=0),
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    with pytest.raises(ValueError) as error:  # not an IndexError in the embedding
+        trainer.fit(module, dm)
+    assert str(error.value) == (
+        f"data.path={str(text_file)!r}: its token cache {target} holds id 65535, beyond the GPT-2 "
+        "vocabulary's 50257: the file is damaged; rebuild it with python -m gpt2_lightning.data "
+        f"prepare {text_file} --cache-dir {cache} --verify"
+    )
+    assert dm.max_id == max(get_tokenizer().encode_ordinary(TEXT))  # the record's: it is damaged
+    assert target.stat().st_size == 2 * len(get_tokenizer().encode_ordinary(TEXT))

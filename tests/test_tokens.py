@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TEXT, run_module, write
+from conftest import ROOT, TEXT, dead_pid, messages, run_module, temp_file, write
 
 from gpt2_lightning import tokens
 from gpt2_lightning.tokenizer import get_tokenizer
@@ -182,7 +183,8 @@ def test_cache_file_is_named_by_hash(tmp_path):
     assert target.parent == tmp_path / "cache"
     assert re.fullmatch(r"[0-9a-f]{32}\.bin", target.name)
     assert target.stat().st_size == 2 * len(get_tokenizer().encode_ordinary(TEXT))  # uint16
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [target.name, "index"]
+    record = target.with_suffix(".json").name
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [target.name, record, "index"]
 
 
 def test_second_call_reuses_the_cache(tmp_path, count_batches):
@@ -267,7 +269,8 @@ def test_no_temp_files_are_left_behind(tmp_path, corpus_dir):
     tokenize_to_cache(corpus_dir, tmp_path / "cache")
     tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
     names = sorted(p.name for p in (tmp_path / "cache").iterdir())  # hex names sort first
-    assert len(names) == 3 and names[2] == "index" and all(n.endswith(".bin") for n in names[:2])
+    assert len(names) == 5 and names[4] == "index"
+    assert [Path(n).suffix for n in names[:4]] == [".bin", ".json"] * 2  # a file and its record
     index = [p.name for p in (tmp_path / "cache" / "index").iterdir()]
     assert len(index) == 2 and all(name.endswith(".txt") for name in index)
 
@@ -424,3 +427,263 @@ def test_prepare_command_stopped_by_a_signal_caches_nothing(tmp_path, corpus_dir
     assert result.returncode == code, result.stderr
     assert ("interrupted: nothing was cached" in result.stderr) == (signum == signal.SIGINT)
     assert list(cache.iterdir()) == []  # no cache file, no temp file, no index
+
+
+# --- the verified cache: what a start finds damaged is never trained on -------------------------
+
+
+def cache_files(cache: Path) -> dict[str, int]:
+    """Every file under the cache (index entries included) and its size."""
+    return {p.relative_to(cache).as_posix(): p.stat().st_size for p in cache.rglob("*.*")}
+
+
+def third_overwritten(target: Path, low: int, high: int) -> None:
+    """The middle third of a cache file overwritten, in place, with random ids in [low, high)."""
+    ids = np.fromfile(target, dtype=np.uint16)
+    third = len(ids) // 3
+    ids[third : 2 * third] = np.random.default_rng(0).integers(low, high, third)
+    ids.tofile(target)
+
+
+# The damages issue 19 found trained on (or fatal) at 33c0acd, a record lost, and each reason.
+DAMAGE = {
+    "truncated to an even size": (
+        lambda target: os.truncate(target, 600),
+        "size: 600 bytes, the record says {size:,}",
+    ),
+    "truncated to an odd size": (
+        lambda target: os.truncate(target, 601),
+        "size: 601 bytes, the record says {size:,}",
+    ),
+    "a third overwritten with ids below 50257": (
+        lambda target: third_overwritten(target, 0, 50257),
+        "checksum",
+    ),
+    "a third overwritten with ids of 50257 and more": (
+        lambda target: third_overwritten(target, 50257, 65536),
+        "checksum",
+    ),
+    "its record missing": (lambda target: target.with_suffix(".json").unlink(), "no record"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_prepare_tokenizes_a_damaged_cache_file_again_in_one_line(tmp_path, damage):
+    file = write(tmp_path / "a.txt", TEXT)
+    cache = tmp_path / "cache"
+    target = tokenize_to_cache(file, cache)
+    before, size = cache_files(cache), target.stat().st_size
+    damage_file, reason = DAMAGE[damage]
+    damage_file(target)
+    result = run_module("gpt2_lightning.data", "prepare", str(file), "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    line = f"token cache {target} does not match its record ({reason.format(size=size)})"
+    assert messages(result.stderr) == [f"{line}: tokenizing again"]
+    assert load_tokens(target).tolist() == get_tokenizer().encode_ordinary(TEXT)
+    assert tokens.mismatch(target) is None
+    assert cache_files(cache) == before  # nothing lost, nothing left over
+
+
+def test_a_damaged_cache_file_of_the_embedded_corpus_is_tokenized_again(tmp_path, capsys):
+    target = tokenize_to_cache(None, tmp_path)
+    expected = load_tokens(target).tolist()
+    third_overwritten(target, 50257, 65536)
+    assert tokenize_to_cache(None, tmp_path) == target
+    assert capsys.readouterr().err == (
+        f"token cache {target} does not match its record (checksum): tokenizing again\n"
+    )
+    assert load_tokens(target).tolist() == expected
+
+
+def test_the_record_says_what_the_cache_file_holds(tmp_path):
+    target = tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
+    ids = get_tokenizer().encode_ordinary(TEXT)
+    assert tokens.read_record(target) == tokens.CacheRecord(
+        tokens=len(ids),
+        dtype="uint16",
+        crc32=zlib.crc32(np.array(ids, dtype=np.uint16).tobytes()),
+        max_id=max(ids),
+        tokenizer="gpt2:50257",
+        source=str(tmp_path / "a.txt"),
+    )
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        b"\x8c\x00{",  # bytes
+        b'{"tokens": 599}',  # fields missing
+        b'{"tokens": "599", "dtype": "uint16", "crc32": 1, "max_id": 1, "tokenizer": "gpt2:50257",'
+        b' "source": "a.txt"}',  # a number as a string
+        b"[1, 2]",
+    ],
+)
+def test_a_record_that_cannot_be_read_is_no_record(tmp_path, record, capsys):
+    file = write(tmp_path / "a.txt", TEXT)
+    target = tokenize_to_cache(file, tmp_path)
+    target.with_suffix(".json").write_bytes(record)
+    assert tokens.read_record(target) is None
+    assert tokenize_to_cache(file, tmp_path) == target
+    line = f"token cache {target} does not match its record (no record): tokenizing again"
+    assert capsys.readouterr().err == line + "\n"
+    assert tokens.read_record(target).tokens == len(get_tokenizer().encode_ordinary(TEXT))
+
+
+def test_a_record_without_its_cache_file_is_written_again(tmp_path, capsys):
+    # killed after the record took its name, before the .bin took its own
+    file = write(tmp_path / "a.txt", TEXT)
+    target = tokenize_to_cache(file, tmp_path)
+    target.unlink()
+    assert tokenize_to_cache(file, tmp_path) == target
+    assert capsys.readouterr().err == ""  # a new file, as if none had been written
+    assert tokens.mismatch(target) is None
+
+
+def test_a_cache_file_over_the_checksum_limit_is_checked_by_size_unless_verified(
+    tmp_path, monkeypatch, capsys
+):
+    file = write(tmp_path / "a.txt", TEXT)
+    target = tokenize_to_cache(file, tmp_path / "cache")
+    third_overwritten(target, 0, 50257)
+    monkeypatch.setattr(tokens, "CHECKSUM_BYTES", target.stat().st_size - 1)  # one byte over
+    damaged = target.read_bytes()
+    assert tokenize_to_cache(file, tmp_path / "cache") == target  # the size matches: served
+    assert target.read_bytes() == damaged and capsys.readouterr().err == ""
+    assert tokenize_to_cache(file, tmp_path / "cache", verify=True) == target
+    line = f"token cache {target} does not match its record (checksum): tokenizing again"
+    assert capsys.readouterr().err == line + "\n"
+    assert load_tokens(target).tolist() == get_tokenizer().encode_ordinary(TEXT)
+
+
+# `python -m gpt2_lightning.data prepare <args>` with the checksum limit at 1 KB (not 1 GiB).
+SMALL_CHECKSUM_LIMIT = """
+import runpy, sys
+from gpt2_lightning import tokens
+
+tokens.CHECKSUM_BYTES = 1000
+sys.argv = ["gpt2_lightning.data", *sys.argv[1:]]
+runpy.run_module("gpt2_lightning.data", run_name="__main__")
+"""
+
+
+def test_prepare_verify_checksums_a_cache_file_over_the_limit(tmp_path):
+    file = write(tmp_path / "a.txt", TEXT)
+    cache = tmp_path / "cache"
+    target = tokenize_to_cache(file, cache)
+    assert target.stat().st_size > 1000  # over the limit: without --verify, checked by size
+    before = cache_files(cache)
+    third_overwritten(target, 0, 50257)
+    args = ["prepare", str(file), "--cache-dir", str(cache), "--verify"]
+    result = subprocess.run(
+        [sys.executable, "-c", SMALL_CHECKSUM_LIMIT, *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    line = f"token cache {target} does not match its record (checksum): tokenizing again"
+    assert messages(result.stderr) == [line]
+    assert load_tokens(target).tolist() == get_tokenizer().encode_ordinary(TEXT)
+    assert cache_files(cache) == before
+
+
+def test_a_damaged_cache_file_that_cannot_be_written_again_is_refused(tmp_path, monkeypatch):
+    file = write(tmp_path / "a.txt", TEXT)
+    cache = tmp_path / "cache"
+    target = tokenize_to_cache(file, cache)
+    third_overwritten(target, 0, 50257)
+    damaged, before = target.read_bytes(), cache_files(cache)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(ValueError) as error:
+        tokenize_to_cache(file, cache)
+    assert str(error.value) == (
+        f"token cache {target} does not match its record (checksum) and cannot be written again "
+        "(Read-only file system): rebuild it where it can be, with python -m gpt2_lightning.data "
+        f"prepare {file} --cache-dir {cache} --verify"
+    )
+    assert target.read_bytes() == damaged and cache_files(cache) == before  # nothing removed
+
+
+def test_prepare_refuses_a_damaged_cache_it_cannot_write_in_one_line(tmp_path, monkeypatch, capsys):
+    file = write(tmp_path / "a.txt", TEXT)
+    cache = tmp_path / "cache"
+    target = tokenize_to_cache(file, cache)
+    os.truncate(target, 600)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    assert main(["prepare", str(file), "--cache-dir", str(cache)]) == 1
+    reason = f"size: 600 bytes, the record says {2 * len(get_tokenizer().encode_ordinary(TEXT)):,}"
+    assert messages(capsys.readouterr().err) == [
+        f"token cache {target} does not match its record ({reason}): tokenizing again",
+        f"error: token cache {target} does not match its record ({reason}) and cannot be written "
+        "again (Permission denied): rebuild it where it can be, with python -m "
+        f"gpt2_lightning.data prepare {file} --cache-dir {cache} --verify",
+    ]
+    assert target.stat().st_size == 600  # left as it was, for the user to look at
+
+
+@pytest.mark.parametrize(
+    "entry", [b"\x8c\xff not UTF-8", b"a.txt", b"../a.txt", b"index", b"", b"0" * 32 + b".bin"]
+)
+def test_a_broken_index_entry_is_rebuilt(tmp_path, entry, count_batches):
+    file = write(tmp_path / "a.txt", TEXT)
+    cache = tmp_path / "cache"
+    target = tokenize_to_cache(file, cache)
+    (index,) = (cache / "index").iterdir()
+    index.write_bytes(entry)
+    stat = target.stat()
+    assert tokenize_to_cache(file, cache) == target
+    assert index.read_text() == target.name
+    assert count_batches == [1]  # found by content, not tokenized again
+    assert (target.stat().st_ino, target.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
+def test_prepare_rebuilds_an_index_entry_of_bytes(tmp_path):
+    file = write(tmp_path / "a.txt", TEXT)
+    cache = tmp_path / "cache"
+    target = tokenize_to_cache(file, cache)
+    (index,) = (cache / "index").iterdir()
+    index.write_bytes(b"\x8c\x01\xfe")
+    before = cache_files(cache)
+    result = run_module("gpt2_lightning.data", "prepare", str(file), "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    assert messages(result.stderr) == []
+    assert index.read_text() == target.name
+    assert cache_files(cache) == {**before, index.relative_to(cache).as_posix(): len(target.name)}
+
+
+def test_prepare_removes_the_temp_files_of_killed_writers_and_says_so(tmp_path):
+    file = write(tmp_path / "a.txt", TEXT)
+    cache = tmp_path / "cache"
+    target = tokenize_to_cache(file, cache)
+    before, stat = cache_files(cache), target.stat()
+    pid = dead_pid()
+    orphans = [temp_file(cache, pid, 54_000_000), temp_file(cache / "index", pid, 1_000_000)]
+    alive = temp_file(cache, os.getpid(), 10)  # a writer still at work: its file is left
+    result = run_module("gpt2_lightning.data", "prepare", str(file), "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+    assert messages(result.stderr) == [f"removed orphaned temporary files: 55.0 MB in {cache}"]
+    assert not any(orphan.exists() for orphan in orphans) and alive.exists()
+    alive.unlink()
+    assert cache_files(cache) == before
+    assert (target.stat().st_ino, target.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
+def test_prepare_without_a_path_caches_the_embedded_corpus(token_cache):
+    result = run_module("gpt2_lightning.data", "prepare", "--cache-dir", str(token_cache))
+    assert result.returncode == 0, result.stderr
+    assert messages(result.stderr) == []
+    target = tokenize_to_cache(None, token_cache)
+    assert tokens.read_record(target).source == "embedded"
+    assert result.stdout.splitlines() == [
+        f"{len(load_tokens(target)):,} tokens cached in {target}",
+        f"train on them with: python -m gpt2_lightning.train data.cache_dir={token_cache}",
+    ]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import scalars, text_samples
+from conftest import dead_pid, scalars, temp_file, text_samples
 
 from gpt2_lightning.model import GPT
 from gpt2_lightning.module import WarmupCosine
@@ -190,6 +190,41 @@ def test_sigterm_before_the_first_step_says_there_is_nothing_to_resume(run_train
     assert result.returncode == 143, result.stderr  # was 0 when it came during a validation
     assert "stopped by SIGTERM before the first step: nothing to resume" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_older_ones_stay(run_train, tmp_path):
+    result = run_train(
+        "+callbacks.disk_full._target_=tests.signals.DiskFullAfter",
+        "+callbacks.disk_full.step=4",
+        "callbacks.model_checkpoint.save_top_k=1",  # step 6's would replace step 3's
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    folder = tmp_path / "run" / "checkpoints"
+    # the step-6 checkpoint fails, and last.ckpt is not written again in on_exception
+    assert len(lines) == 1 and re.fullmatch(
+        rf"error: cannot write checkpoint {folder}/step000006-val[0-9.]+\.ckpt: No space left on "
+        rf"device; the last good one is {folder}/last\.ckpt \(step 3\)",
+        lines[0],
+    ), result.stderr
+    # the step-3 checkpoints are whole, and the half-written temporary file is gone
+    names = sorted(path.name for path in folder.iterdir())
+    assert len(names) == 2 and names[0] == "last.ckpt" and names[1].startswith("step000003-val")
+    for name in names:
+        assert torch.load(folder / name, weights_only=True)["global_step"] == 3
+
+
+def test_a_run_removes_the_temporary_files_of_killed_checkpoint_writers(run_train, tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    temp_file(folder, dead_pid(), 2_500_000)  # a checkpoint writer killed mid-write
+    being_written = temp_file(folder, os.getpid(), 100)  # its writer still runs
+    result = run_train("trainer.max_steps=1")
+    assert result.returncode == 0, result.stderr
+    freed = [line for line in result.stderr.splitlines() if line.startswith("removed orphaned")]
+    assert freed == [f"removed orphaned temporary files: 2.5 MB in {folder}"]
+    assert sorted(path.name for path in folder.iterdir()) == [being_written.name, "last.ckpt"]
 
 
 def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
