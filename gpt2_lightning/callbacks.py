@@ -237,11 +237,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"cannot write checkpoint {path}: {reason.strerror or reason}; the last good one "
                 f"is {self.last_written}"
             ) from error
-        self.last_written = f"{path} (step {checkpoint['global_step']})"
+        if "global_step" in checkpoint:  # not ddp_spawn's hand-over of the weights
+            self.last_written = f"{path} (step {checkpoint['global_step']})"
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, plus the tokens/s that ThroughputMonitor measures."""
+    """Lightning's progress bar, plus the tokens/s that ThroughputMonitor measures. Where its
+    output is not a terminal (a log file, CI, nohup, tee), redrawn bars would be hundreds of lines
+    of escape codes: there it prints a plain line every log_every steps and per validation."""
+
+    def __init__(self, refresh_rate: int = 1, log_every: int = 10):
+        super().__init__(refresh_rate=refresh_rate)
+        self.log_every = log_every
+        self.plain = not sys.stdout.isatty()  # where Lightning's bars write
+        self._printed_step = -1
+        if self.plain:
+            self.disable()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
@@ -249,6 +260,30 @@ class ProgressBar(TQDMProgressBar):
         if per_device is not None:
             items["tok/s"] = f"{float(per_device) * trainer.world_size:,.0f}"
         return items
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any):
+        super().on_train_batch_end(trainer, pl_module, *args)
+        step, last = trainer.global_step, trainer.global_step == trainer.max_steps
+        if not self.plain or step == self._printed_step or not (step % self.log_every == 0 or last):
+            return  # several micro-batches (gradient accumulation) share a step
+        self._printed_step = step
+        metrics = self.get_metrics(trainer, pl_module)
+        loss, speed = metrics.get("train/loss"), metrics.get("tok/s")
+        line = f"step {step}/{trainer.max_steps}"
+        line += f"  loss {loss:.3f}" if isinstance(loss, float) else ""
+        self._print(trainer, line + (f"  tok/s {speed}" if speed else ""))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        val = trainer.callback_metrics.get("val/loss")
+        if self.plain and not trainer.sanity_checking and val is not None:
+            step = f"step {trainer.global_step}/{trainer.max_steps}"
+            self._print(trainer, f"{step}  val/loss {val:.3f}")
+
+    @staticmethod
+    def _print(trainer: L.Trainer, line: str) -> None:
+        if trainer.is_global_zero:
+            print(line, flush=True)
 
 
 def keep_freed_memory() -> None:

@@ -309,7 +309,9 @@ def _tokenize(files: list[Path] | None, target: Path, source: str, progress: boo
     target.parent.mkdir(parents=True, exist_ok=True)
     total = sum(f.stat().st_size for f in files) if files else None
     eot = get_tokenizer().eot_token
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
+    # disable=None: no bar where stderr is not a terminal (a log file), whose lines it would fill
+    disable = None if progress else True
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=disable)
     count, crc, max_id = 0, 0, -1
     with (
         bar,  # closed on failure too

@@ -257,3 +257,16 @@ def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
     assert again.returncode == 0, again.stderr
     resumed = torch.load(tmp_path / "again" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 8 and resumed["hyper_parameters"]["model"] == model_cfg
+
+
+def test_a_run_whose_output_is_not_a_terminal_prints_plain_lines(run_train, tmp_path):
+    # subprocess pipes, as a log file, CI, nohup and tee give: no bar is redrawn
+    result = run_train("trainer.enable_progress_bar=true", "callbacks.progress_bar.log_every=2")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "\x1b[" not in output and "\r" not in output  # no escape codes, no redrawn lines
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    trained = [line.split()[1] for line in lines if "  loss " in line]
+    validated = [line.split()[1] for line in lines if "val/loss" in line]
+    assert trained == ["2/6", "4/6", "6/6"]  # a line every 2 steps
+    assert validated == ["0/6", "3/6", "6/6"]  # before training, then every 3 steps
