@@ -286,6 +286,61 @@ class ProgressBar(TQDMProgressBar):
             print(line, flush=True)
 
 
+class LossCurve(L.Callback):
+    """Draws train and val loss against the step, with the learning rate below, into a PNG in the
+    run folder (loss.png), after each validation and at the end: a run's curve at a glance, without
+    TensorBoard. Rank zero only; the steps of this invocation (a resumed run starts at its step)."""
+
+    def __init__(self, filename: str = "loss.png"):
+        self.filename = filename
+        self.train: dict[int, float] = {}
+        self.val: dict[int, float] = {}
+        self.lr: dict[int, float] = {}
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any):
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.train[trainer.global_step] = float(loss)
+            self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or loss is None:
+            return
+        self.val[trainer.global_step] = float(loss)
+        if self.train:  # the validation before training has nothing to draw against yet
+            self.draw(Path(trainer.default_root_dir) / self.filename)
+
+    def draw(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+
+        figure, (top, bottom) = plt.subplots(
+            2, 1, figsize=(7, 4.8), dpi=100, sharex=True, height_ratios=[3, 1]
+        )
+        top.plot(list(self.train), list(self.train.values()), label="train", linewidth=1)
+        top.plot(list(self.val), list(self.val.values()), "o-", label="val", markersize=4)
+        top.set_ylabel("loss (nats per token)")
+        top.legend()
+        top.grid(alpha=0.3)
+        last_train = self.train[max(self.train)]
+        last_val = self.val[max(self.val)] if self.val else float("nan")
+        top.set_title(
+            f"step {max(self.train)}: train loss {last_train:.3f}, val loss {last_val:.3f}"
+        )
+        bottom.plot(list(self.lr), list(self.lr.values()), color="gray", linewidth=1)
+        bottom.set_ylabel("learning rate")
+        bottom.set_xlabel("step")
+        bottom.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path)
+        plt.close(figure)
+
+
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory rather than unmap each large block (the logits and their
     gradient, hundreds of MB a step, would page-fault afresh every step); as the environment's

@@ -62,6 +62,7 @@ def test_run_validates_its_final_step_and_runs_without_a_logger(run_train, tmp_p
     assert sorted(p.name for p in (tmp_path / "quiet").iterdir()) == [
         ".hydra",
         "checkpoints",
+        "loss.png",
         "train.log",
     ]
 
@@ -270,3 +271,12 @@ def test_a_run_whose_output_is_not_a_terminal_prints_plain_lines(run_train, tmp_
     validated = [line.split()[1] for line in lines if "val/loss" in line]
     assert trained == ["2/6", "4/6", "6/6"]  # a line every 2 steps
     assert validated == ["0/6", "3/6", "6/6"]  # before training, then every 3 steps
+
+
+def test_a_run_draws_its_loss_curve_into_the_run_folder(run_train, tmp_path):
+    result = run_train()
+    assert result.returncode == 0, result.stderr
+    header = (tmp_path / "run" / "loss.png").read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert (width, height) == (700, 480)  # figsize (7, 4.8) at 100 dpi
