@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
-from common import markdown_table, positive_int
+from common import markdown_table, peak_rss_mib, positive_int, spawn_phase
 
 MiB = 2**20
 CONTEXT, BATCH = 1024, 8  # the first batch's windows: GPT-2's context length
@@ -69,10 +66,6 @@ def write_cache(source: Path, cache_dir: Path, num_bytes: int) -> Path:
     return target
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def run_phase(args: argparse.Namespace) -> dict[str, float]:
     """One start, in this (fresh) process: the seconds of each of its parts."""
     from gpt2_lightning import tokens
@@ -97,17 +90,6 @@ def run_phase(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def spawn_phase(phase: str, source: Path, cache_dir: Path) -> dict[str, float]:
-    """Run one phase in a fresh Python process and return what it printed (one JSON line)."""
-    command = [sys.executable, __file__, "--phase", phase, "--source", str(source)]
-    done = subprocess.run(
-        [*command, "--cache-dir", str(cache_dir)], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"phase {phase!r} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.phase is not None:
@@ -125,7 +107,11 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[str, list[dict[str, float]]] = {phase: [] for phase in PHASES}
         for _ in range(args.repeats):
             for phase in PHASES:
-                results[phase].append(spawn_phase(phase, source, cache_dir))
+                results[phase].append(
+                    spawn_phase(
+                        __file__, phase, "--source", str(source), "--cache-dir", str(cache_dir)
+                    )
+                )
         size = target.stat().st_size
 
     def median(phase: str, key: str) -> float:

@@ -6,6 +6,10 @@ The scripts import this as `common` (they are run as files, so their folder is o
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,3 +132,19 @@ def save_ratio_chart(path: Path, title: str, ratios: dict[str, float], reference
     figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
     print(f"chart saved: {path}")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def spawn_phase(script: str, phase: str, *args: str) -> dict[str, float]:
+    """Run `python <script> --phase <phase> <args>` in a fresh process (its imports and memory
+    its own) and return the JSON line it printed last."""
+    command = [sys.executable, script, "--phase", phase, *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"phase {phase!r} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

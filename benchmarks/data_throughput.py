@@ -16,15 +16,12 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import markdown_table, positive_int
+from common import markdown_table, peak_rss_mib, positive_int, spawn_phase
 
 MB = 10**6  # text sizes and speeds are in decimal MB; memory is in MiB
 MiB = 2**20
@@ -79,12 +76,6 @@ def write_corpus(folder: Path, num_bytes: int, num_files: int, seed: int) -> lis
     return files
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MiB if sys.platform == "darwin" else peak / 1024
-
-
 def run_phase(args: argparse.Namespace) -> dict[str, float]:
     """One phase, in this (fresh) process: its seconds, token count and memory."""
     from gpt2_lightning.data import TextDataModule
@@ -127,17 +118,6 @@ def run_phase(args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
-def spawn_phase(phase: str, corpus: Path, cache_dir: Path) -> dict[str, float]:
-    """Run one phase in a fresh Python process and return what it printed (one JSON line)."""
-    command = [sys.executable, __file__, "--phase", phase, "--corpus", str(corpus)]
-    done = subprocess.run(
-        [*command, "--cache-dir", str(cache_dir)], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"phase {phase!r} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.phase is not None:
@@ -153,7 +133,11 @@ def main(argv: list[str] | None = None) -> None:
         for round_index in range(args.repeats):
             cache_dir = Path(tmp) / f"cache{round_index}"  # empty: this round's cold start
             for phase in PHASES:  # cold before warm: the warm start reads the cold one's cache
-                results[phase].append(spawn_phase(phase, corpus, cache_dir))
+                results[phase].append(
+                    spawn_phase(
+                        __file__, phase, "--corpus", str(corpus), "--cache-dir", str(cache_dir)
+                    )
+                )
 
     def median(phase: str, key: str) -> float:
         return statistics.median(run[key] for run in results[phase])
