@@ -143,6 +143,9 @@ class RNGState(L.Callback):
         random.setstate((version, tuple(values), gauss))
 
 
+NONE_YET = "none yet"  # what AtomicCheckpointIO says of the last good checkpoint before the first
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint folder or file that cannot be written (a full disk, a folder under a file, no
     permission): its message is the one line the user sees."""
@@ -171,6 +174,14 @@ class LastCheckpoint(ModelCheckpoint):
             raise CheckpointWriteError(f"cannot write checkpoints in {folder}: {reason}") from error
         if trainer.is_global_zero and (freed := remove_orphans(folder)):
             rank_zero_info(f"removed orphaned temporary files: {freed / 1e6:.1f} MB in {folder}")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Until this run writes its own, the last good checkpoint is the one it resumed from
+        # (trainer.ckpt_path is known once the checkpoint is restored, just before this hook).
+        io = trainer.strategy.checkpoint_io
+        if trainer.ckpt_path and isinstance(io, AtomicCheckpointIO) and io.last_written == NONE_YET:
+            io.last_written = f"{trainer.ckpt_path}, which this run resumed from"
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
@@ -217,7 +228,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def __init__(self):
         super().__init__()
-        self.last_written = "none yet"
+        self.last_written = NONE_YET
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None

@@ -216,6 +216,23 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_older_ones_stay(run_tra
         assert torch.load(folder / name, weights_only=True)["global_step"] == 3
 
 
+def test_a_full_disk_in_a_resumed_run_names_the_checkpoint_it_resumed_from(run_train, tmp_path):
+    first = run_train("trainer.max_steps=3", run_dir=tmp_path / "first")
+    assert first.returncode == 0, first.stderr
+    resumed_from = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    result = run_train(
+        f"ckpt_path={resumed_from}",
+        "+callbacks.disk_full._target_=tests.signals.DiskFullAfter",
+        "+callbacks.disk_full.step=4",  # before this run's first checkpoint, at step 6
+    )
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"the last good one is {resumed_from}, which this run resumed from"
+    ), result.stderr
+    assert torch.load(resumed_from, weights_only=True)["global_step"] == 3
+
+
 def test_a_run_removes_the_temporary_files_of_killed_checkpoint_writers(run_train, tmp_path):
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
