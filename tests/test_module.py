@@ -47,14 +47,20 @@ ADAMW = dict(lr=1e-3, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8)
 COSINE = dict(name="cosine", warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
 
 
-def test_cosine_schedule_warms_up_then_decays_to_the_ratio_of_the_peak():
-    module = GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=COSINE)
+def learning_rates(scheduler_settings: dict, steps: int) -> list[float]:
+    """The learning rate of each of the first steps under the module's schedule."""
+    module = GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=scheduler_settings)
     scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     lrs = []
-    for _ in range(12):
+    for _ in range(steps):
         lrs.append(scheduler.get_last_lr()[0])
         scheduler.optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_ratio_of_the_peak():
+    lrs = learning_rates(COSINE, 12)
     assert lrs[:3] == pytest.approx([0.5e-3, 1e-3, 1e-3])  # warmup, then the peak
     assert lrs[6] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way down the cosine
     assert lrs[10:] == pytest.approx([1e-4, 1e-4])  # 0.1 x the peak, then held
@@ -115,12 +121,5 @@ def test_a_warmup_as_long_as_the_run_is_warned_about():
 
 
 def test_constant_schedule_warms_up_then_holds_the_peak():
-    constant = dict(name="constant", warmup_steps=2)
-    module = GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=constant)
-    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
-    lrs = []
-    for _ in range(5):
-        lrs.append(scheduler.get_last_lr()[0])
-        scheduler.optimizer.step()
-        scheduler.step()
+    lrs = learning_rates(dict(name="constant", warmup_steps=2), 5)
     assert lrs == pytest.approx([0.5e-3, 1e-3, 1e-3, 1e-3, 1e-3])
