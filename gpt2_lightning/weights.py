@@ -4,7 +4,7 @@ OpenAI's weights are on the Hugging Face hub in transformers' GPT2LMHeadModel la
 and Conv1D weights stored (in, out), the transpose of nn.Linear's. This module maps both ways.
 
     python -m gpt2_lightning.weights download 124M        # fetch into the hub cache, print the path
-    python -m gpt2_lightning.weights export <ckpt> <dir>  # a Lightning checkpoint as an HF folder
+    python -m gpt2_lightning.weights export <ckpt> <dir>  # a checkpoint as an HF folder + tokenizer
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2_lightning.files import umask_mode
 from gpt2_lightning.model import ALIASES, GPT, GPTConfig
+from gpt2_lightning.tokenizer import HF_SHADOWING_FILE, HF_TOKENIZER_FILES, write_hf_tokenizer
 
 # The official sizes (no "tiny": it has no released weights) and the hub repository of each.
 REPOS = {
@@ -42,7 +43,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
 GENERATION_FILE = "generation_config.json"
-EXPORTED_FILES = (CONFIG_FILE, GENERATION_FILE, WEIGHTS_FILE)
+EXPORTED_FILES = (CONFIG_FILE, GENERATION_FILE, WEIGHTS_FILE, *HF_TOKENIZER_FILES)
 INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json: the shards of a large model
 EOS_ID = 50256  # <|endoftext|>, GPT-2's only special token
 LAYER_NORM_EPS = 1e-5  # our LayerNorm's, fixed: a config asking for another cannot be matched
@@ -273,7 +274,7 @@ def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: GPT, directory: str | Path) -> None:
-    """Write the folder transformers.GPT2LMHeadModel.from_pretrained loads (EXPORTED_FILES)."""
+    """Write the folder transformers' GPT2LMHeadModel and AutoTokenizer load (EXPORTED_FILES)."""
     cfg = model.cfg
     if cfg.norm != "layernorm":
         raise ValueError(f"norm={cfg.norm!r} cannot be exported: GPT-2 has LayerNorm only")
@@ -294,9 +295,12 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
         generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id")}
         (staging / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         save_file(state_to_hf(model), staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / WEIGHTS_FILE).chmod(umask_mode(0o666))  # save_file's is private (0600)
+        write_hf_tokenizer(staging, cfg.context_length)
         if directory.exists():
             for name in EXPORTED_FILES:
                 os.replace(staging / name, directory / name)
+            (directory / HF_SHADOWING_FILE).unlink(missing_ok=True)
         else:
             staging.rename(directory)
     finally:

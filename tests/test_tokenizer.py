@@ -1,14 +1,18 @@
-"""get_tokenizer() builds tiktoken's GPT-2 encoding from packaged files, with no network."""
+"""get_tokenizer() builds tiktoken's GPT-2 encoding from packaged files, with no network, and
+write_hf_tokenizer() writes the same tokenizer as transformers reads it."""
 
 from __future__ import annotations
 
 import hashlib
+import random
 import socket
 
 import pytest
 import tiktoken.registry
+import transformers
 
 from gpt2_lightning import get_tokenizer
+from gpt2_lightning.tokenizer import HF_TOKENIZER_FILES, write_hf_tokenizer
 
 URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 # tiktoken's own sha256 of the two files (tiktoken_ext/openai_public.py).
@@ -90,3 +94,79 @@ def test_an_interrupted_copy_leaves_nothing_in_the_cache(offline_cache, monkeypa
 
     assert get_tokenizer().encode("hello world") == [31373, 995]  # the next call copies them whole
     assert len(list(offline_cache.iterdir())) == 2
+
+
+# Pieces that stress the byte-level BPE: the contraction rules, runs of spaces before a word,
+# bytes split inside one character, and the special token next to anything.
+PIECES = [
+    *"the quick brown fox jumps over a lazy dog".split(),
+    *["Déjà", "naïve", "café", "Ünïcödé", "e\u0301", "Ωμέγα", "Привет", "مرحبا", "नमस्ते"],
+    *["東京", "寿司", "日本語の文章", "한국어", "中文字符"],
+    *["🍣", "🚀", "👍🏽", "👨\u200d👩\u200d👧", "🇫🇷"],
+    *["0", "42", "2024", "3.14159", "1,000,000", "½", "٣"],
+    *[".", ",", "!?", "...", "—", "'s", "'ll", "n't", "(", ")", '"', "#", "$", "<|", "|>"],
+    *["<|endoftext|>", "<|endoftext", "endoftext|>"],
+]
+# A single space three times: the usual separator, as in text.
+SPACES = [" ", " ", " ", "", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "\u00a0", "\u3000"]
+
+
+def random_texts(count: int, seed: int) -> list[str]:
+    """count strings of PIECES joined by SPACES, reproducible from seed."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        parts = [rng.choice(SPACES) if rng.random() < 0.2 else ""]  # some start with a space
+        for _ in range(rng.randint(1, 12)):
+            parts += [rng.choice(PIECES), rng.choice(SPACES)]
+        texts.append("".join(parts))
+    return texts
+
+
+@pytest.fixture
+def hf_tokenizer(offline_cache, tmp_path):
+    """transformers' tokenizer read from the files write_hf_tokenizer writes, with no network."""
+    write_hf_tokenizer(tmp_path / "hf", context_length=1024)
+    return transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+
+
+def test_hf_tokenizer_files_are_the_official_bytes(hf_tokenizer, tmp_path):
+    folder = tmp_path / "hf"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(HF_TOKENIZER_FILES)
+    # The Hugging Face gpt2 repository's vocab.json and merges.txt have these sha256 too.
+    for hf_name, name in (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe")):
+        assert hashlib.sha256((folder / hf_name).read_bytes()).hexdigest() == SHA256[name]
+    assert (folder / "merges.txt").read_text().startswith("#version: 0.2\n")
+    assert type(hf_tokenizer).__name__.startswith("GPT2Tokenizer")
+    assert (len(hf_tokenizer), hf_tokenizer.model_max_length) == (50257, 1024)
+    ids = (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.unk_token_id)
+    assert ids == (50256, 50256, 50256)
+    assert hf_tokenizer.pad_token is None  # as the official gpt2: none
+
+
+def test_hf_tokenizer_encodes_like_tiktoken(hf_tokenizer):
+    # Both sides read "<|endoftext|>" as the special token 50256: transformers always (it is an
+    # added special token), tiktoken when it is allowed. Plain text around it is ordinary BPE.
+    enc = get_tokenizer()
+    texts = random_texts(1000, seed=0)
+    assert sum("<|endoftext|>" in text for text in texts) > 100
+    expected = [enc.encode(text, allowed_special={"<|endoftext|>"}) for text in texts]
+    got = hf_tokenizer(texts)["input_ids"]
+    mismatches = [
+        text for text, ours, theirs in zip(texts, expected, got, strict=True) if ours != theirs
+    ]
+    assert mismatches == []
+    assert sum(ids.count(50256) for ids in got) > 100
+    assert hf_tokenizer.encode("hello world") == [31373, 995]
+
+
+def test_hf_tokenizer_decodes_like_tiktoken(hf_tokenizer):
+    enc = get_tokenizer()
+    texts = [
+        "Hello , world . It 's here !",  # spaces before punctuation stay (no clean-up)
+        "  Déjà vu\t東京 🍣\n\n<|endoftext|>next",
+        *random_texts(20, seed=1),
+    ]
+    for text in texts:
+        ids = enc.encode(text, allowed_special="all")
+        assert hf_tokenizer.decode(ids) == enc.decode(ids) == text

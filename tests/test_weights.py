@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 import transformers
 from conftest import save_training_checkpoint
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from gpt2_lightning import GPT, GPTConfig, weights
-from gpt2_lightning.weights import WeightsError, load_pretrained, save_pretrained
+from gpt2_lightning import GPT, GPTConfig, get_tokenizer, weights
+from gpt2_lightning.weights import EXPORTED_FILES, WeightsError, load_pretrained, save_pretrained
 
 # Odd sizes, so that a transposed or swapped matrix cannot go unnoticed.
 VOCAB, CONTEXT = 1000, 40
@@ -94,7 +96,11 @@ def test_save_pretrained_loads_in_transformers(idx, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
         "config.json",
         "generation_config.json",
+        "merges.txt",
         "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "vocab.json",
     ]
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"] and config["tie_word_embeddings"]
@@ -158,6 +164,10 @@ def test_export_cli_writes_a_folder_with_the_same_model(idx, tmp_path: Path) -> 
 
     result = run_weights_cli("export", "last.ckpt", "exported", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == sorted(EXPORTED_FILES)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert tokenizer.encode("hello world<|endoftext|>") == [31373, 995, 50256]
+    assert tokenizer.model_max_length == CONTEXT
     loaded = load_pretrained(tmp_path / "exported")
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -173,19 +183,77 @@ def test_export_cli_writes_a_folder_with_the_same_model(idx, tmp_path: Path) -> 
     assert forced.returncode == 0, forced.stderr
 
 
+def refuse_network(*args, **kwargs) -> None:
+    raise OSError("network access is disabled in this test")
+
+
+def continuation_log_likelihood(model: GPT, context: str, continuation: str) -> tuple[float, bool]:
+    """log P(continuation | context) by our model, and whether greedy decoding gives it."""
+    enc = get_tokenizer()
+    # An empty context is scored after <|endoftext|>, as lm-eval does (its prefix token).
+    context_ids = enc.encode(context, allowed_special="all") or [enc.eot_token]
+    continuation_ids = enc.encode(continuation)
+    with torch.no_grad():
+        logits = model(torch.tensor([context_ids + continuation_ids]))[0].double()
+    predicted = logits[len(context_ids) - 1 : -1]  # the positions that predict the continuation
+    log_probs = predicted.log_softmax(-1)[range(len(continuation_ids)), continuation_ids]
+    return log_probs.sum().item(), predicted.argmax(-1).tolist() == continuation_ids
+
+
+def test_lm_eval_scores_an_exported_folder_offline_as_our_model_does(tmp_path, monkeypatch):
+    # What `lm_eval --model hf --model_args pretrained=<folder>` builds; lm-eval[hf] brings
+    # the accelerate it imports.
+    huggingface = pytest.importorskip("lm_eval.models.huggingface")
+    from lm_eval.api.instance import Instance
+
+    torch.manual_seed(5)
+    model = GPT(
+        GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, num_layers=2, num_heads=2)
+    ).eval()
+    # Peaked predictions: a token scored at the wrong position moves the sum far past 1e-4.
+    torch.nn.init.normal_(model.tok_emb.weight, std=0.5)
+    model.save_pretrained(tmp_path / "hf")
+    pairs = [
+        ("The cat sat on", " the mat"),
+        ("", "Hello world"),  # lm-eval puts the tokenizer's bos_token, <|endoftext|>, first
+        ("Déjà vu à 東京", " 🍣 and 42!"),
+        ("One document.<|endoftext|>Another", " one"),
+    ]
+    enc = get_tokenizer()
+    for context, continuation in pairs:  # lm-eval splits the joined ids where ours do
+        joined = enc.encode(context + continuation, allowed_special="all")
+        assert joined == enc.encode(context, allowed_special="all") + enc.encode(continuation)
+
+    # HF_HUB_OFFLINE=1 as the hub reads it (once, at import), and no socket can connect.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket.socket, "connect", refuse_network)
+    monkeypatch.setattr(socket, "create_connection", refuse_network)
+    lm = huggingface.HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=2)
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    scores = lm.loglikelihood(requests)  # died at `assert len(context_enc) > 0` before
+    for (context, continuation), (log_likelihood, is_greedy) in zip(pairs, scores, strict=True):
+        ours, greedy = continuation_log_likelihood(model, context, continuation)
+        assert log_likelihood == pytest.approx(ours, abs=1e-4), (context, continuation)
+        assert is_greedy is greedy
+
+
 def test_export_over_an_older_folder_replaces_its_generation_settings(tmp_path: Path) -> None:
     cfg = GPTConfig(vocab_size=50257, context_length=8, emb_dim=16, num_layers=1, num_heads=2)
     model = GPT(cfg)
     target = tmp_path / "hf"
     target.mkdir()
     (target / "generation_config.json").write_text('{"do_sample": true, "eos_token_id": 7}')
-    (target / "tokenizer.json").write_text("{}")  # files export does not write stay
+    (target / "README.md").write_text("mine")  # files export does not write stay
+    # but another tokenizer's tokenizer.json goes: transformers would read it instead of ours
+    (target / "tokenizer.json").write_text("{}")
     save_pretrained(model, target)
     written = json.loads((target / "generation_config.json").read_text())
     assert written == {"bos_token_id": 50256, "eos_token_id": 50256}  # do_sample is gone
     generation = transformers.GenerationConfig.from_pretrained(target)
     assert (generation.eos_token_id, generation.bos_token_id) == (50256, 50256)
-    assert (target / "tokenizer.json").read_text() == "{}"
+    assert (target / "README.md").read_text() == "mine"
+    assert not (target / "tokenizer.json").exists()
+    assert transformers.AutoTokenizer.from_pretrained(target).encode("hello world") == [31373, 995]
 
 
 def write_bin_shards(hf_model: transformers.GPT2LMHeadModel, folder: Path) -> None:
@@ -455,6 +523,18 @@ def test_export_errors_name_the_target_and_the_folder_is_not_private(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp's is 0700
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_all_get_the_umasks_mode(tmp_path, umask: int) -> None:
+    model = GPT(GPTConfig(vocab_size=64, context_length=8, emb_dim=16, num_layers=1, num_heads=2))
+    old = os.umask(umask)
+    try:
+        save_pretrained(model, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert modes == dict.fromkeys(EXPORTED_FILES, 0o666 & ~umask)  # save_file's alone was 0600
 
 
 def test_from_checkpoint_round_trip(tmp_path):
