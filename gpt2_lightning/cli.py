@@ -157,27 +157,31 @@ def unknown_key(name: str, key: str, text: str, overrides: list[str], can_add: b
     return f"{text}: {parent or 'the config'} has no key {leaf!r} (it has: {keys}){hint}"
 
 
-def check_generate_command(args: list[str]) -> None:
-    """generate's command line: one run (no -m, no sweep: prompt=Hello, world is a list of two
-    values to Hydra), its own keys only, each with a value. Flags are left to Hydra."""
+# The commands that run once, with their own keys only, and a key=value to show in a hint.
+ONE_RUN = {"generate": "top_k=null", "evaluate": "limit=null"}
+
+
+def check_generate_command(args: list[str], name: str = "generate") -> None:
+    """generate's (or evaluate's) command line: one run (no -m, no sweep: prompt=Hello, world is
+    a list of two values to Hydra), its own keys only, each with a value. Flags are Hydra's."""
     if "-m" in args or "--multirun" in args:
-        raise ValueError("generate runs once: -m/--multirun is for train's sweeps")
+        raise ValueError(f"{name} runs once: -m/--multirun is for train's sweeps")
     if any(a.startswith("-") for a in args):
         return
     for text in args:
         override = parse(text)
         if override.is_delete() or override.is_add():  # +key is silently unused, ~key a crash
-            keys = ", ".join(k for k in OmegaConf.load(CONF / "generate.yaml") if k not in HYDRA)
+            keys = ", ".join(k for k in OmegaConf.load(CONF / f"{name}.yaml") if k not in HYDRA)
             raise ValueError(
-                f"{text!r}: generate takes only its own keys ({keys}), each with a value: "
-                f"set one instead, e.g. top_k=null"
+                f"{text!r}: {name} takes only its own keys ({keys}), each with a value: "
+                f"set one instead, e.g. {ONE_RUN[name]}"
             )
         if override.is_sweep_override():
             raise ValueError(
-                f"{text!r} is a list of values to Hydra (a sweep), and generate takes one: quote "
+                f"{text!r} is a list of values to Hydra (a sweep), and {name} takes one: quote "
                 f"the value, e.g. '{override.key_or_group}=\"a, b\"'"
             )
-    _compose_first_values("generate", args)
+    _compose_first_values(name, args)
 
 
 def check_command_line(name: str, args: list[str]) -> None:
@@ -187,8 +191,8 @@ def check_command_line(name: str, args: list[str]) -> None:
     key. Flags (--cfg, --help, --config-dir, ...) are Hydra's; what only a job can judge is the
     job's."""
     try:
-        if name == "generate":
-            check_generate_command(args)
+        if name in ONE_RUN:
+            check_generate_command(args, name)
         elif not any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
             check_config_choices(args)
             cfg = _compose_first_values(name, [a for a in args if not a.startswith("-")])
@@ -266,7 +270,7 @@ def _compose_first_values(name: str, texts: list[str]) -> DictConfig | None:
     try:
         cfg = compose_config(name, fixed)
     except HydraException as error:  # +key=value adds a key that train may read, not generate
-        reason = composition_error(name, error, fixed, given, can_add=name != "generate")
+        reason = composition_error(name, error, fixed, given, can_add=name not in ONE_RUN)
         raise ValueError(reason) from None
     except Exception:
         return None

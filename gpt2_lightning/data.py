@@ -10,24 +10,24 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import Dataset, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from gpt2_lightning.shards import is_val_shard
 from gpt2_lightning.tokens import (
     EMBEDDED,
+    EOT,
     VOCAB_SIZE,
     cache_folder,
-    load_tokens,
+    corpus_arrays,
+    corpus_source,
     main,
-    read_record,
     rebuild_command,
     remove_orphaned_files,
-    source_files,
-    tokenize_to_cache,
 )
 
 # What decides the windows and batches, and so what a saved data loader position means.
-WINDOW_SETTINGS = ("path", "context_length", "stride", "batch_size", "val_fraction")
+WINDOW_SETTINGS = ("path", "val_path", "context_length", "stride", "batch_size", "val_fraction")
 
 
 class SlidingWindowDataset(Dataset):
@@ -51,6 +51,20 @@ class SlidingWindowDataset(Dataset):
         return window[:-1], window[1:]
 
 
+def document_start(ids: np.ndarray, position: int, minimum: int, block: int = 1 << 20) -> int:
+    """The start of the document that position falls in (its <|endoftext|>), so that whole
+    documents are held out; position itself if that start is before minimum (one document)."""
+    # Read backwards a block at a time: a memory map of billions of ids is never read whole.
+    end = position + 1
+    while end > minimum:
+        start = max(minimum, end - block)
+        found = np.flatnonzero(ids[start:end] == EOT)
+        if len(found):
+            return start + int(found[-1])
+        end = start
+    return position
+
+
 def _integer(name: str, value: Any, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         what = "a positive integer" if minimum else "an integer >= 0"
@@ -58,8 +72,36 @@ def _integer(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def split_tail(
+    arrays: list[np.ndarray], fraction: float, window: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(train, val): the last fraction of the tokens validates, from the start of a document on,
+    so no document and no window is in both sets."""
+    total = sum(len(ids) for ids in arrays)
+    num_val = max(int(total * fraction), window)
+    if total - num_val < window:
+        raise ValueError(
+            f"{total} tokens are too few for one training window of {window} tokens plus "
+            f"{num_val} validation tokens"
+        )
+    train, val, position = [], [], total - num_val  # where validation starts, in the next array
+    for ids in arrays:
+        if position >= len(ids):
+            train.append(ids)
+        elif position > 0:
+            seen = sum(len(t) for t in train)
+            cut = document_start(ids, position, max(0, window - seen))
+            train.append(ids[:cut])
+            val.append(ids[cut:])
+        else:
+            val.append(ids)
+        position -= len(ids)
+    return train, val
+
+
 class TextDataModule(L.LightningDataModule):
-    """The embedded corpus or the user's text files, tokenized, cached and cut into windows."""
+    """A corpus (the embedded one, text and record files, a Hugging Face dataset, token shards),
+    tokenized and cached (shards are read in place), cut into windows."""
 
     def __init__(
         self,
@@ -73,6 +115,10 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         val_windows: int | None = 256,
         verify: bool = False,
+        val_path: str | None = None,
+        text_field: str = "text",
+        hf_name: str | None = None,
+        hf_split: str = "train",
     ):
         super().__init__()
         if not isinstance(val_fraction, int | float) or not 0.0 <= val_fraction < 1.0:
@@ -88,51 +134,67 @@ class TextDataModule(L.LightningDataModule):
         if not isinstance(verify, bool):
             raise ValueError(f"data.verify={verify!r} is invalid: use true or false")
         self.verify = verify
-        if path is not None:
-            source_files(path)  # fail now, before a trainer is built, if the path is wrong
-        self.path = path
-        self.cache_dir = cache_dir
-        self.cache_file: Path | None = None  # the token cache, once found (and checked)
-        self.max_id: int | None = None  # the largest id in the data, after setup
-        self.train_set: SlidingWindowDataset | None = None
-        self.val_set: SlidingWindowDataset | None = None
+        self.path, self.val_path, self.cache_dir = path, val_path, cache_dir
+        self.sources = {key: None for key in ("path", "val_path")}  # what each names, checked now
+        for key, value in (("path", path), ("val_path", val_path)):
+            if value is not None or key == "path":
+                self.sources[key] = corpus_source(
+                    value, f"data.{key}", text_field, hf_name, hf_split
+                )
+        self.arrays: dict[str, list[tuple[Path, np.ndarray]]] = {}  # each source's, once read
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _read(self, progress: bool) -> None:
+        for key, source in self.sources.items():
+            if source is not None and key not in self.arrays:
+                self.arrays[key] = corpus_arrays(source, self.cache_dir, progress, self.verify)
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node only: the cache is cleaned and written
-        # once; setup on this process reuses the file (validate and fit each call both hooks).
-        if self.cache_file is None:
+        # once; setup on this process reuses the files (validate and fit each call both hooks).
+        if not self.arrays:
             remove_orphaned_files(cache_folder(self.cache_dir))
-            self.cache_file = tokenize_to_cache(
-                self.path, self.cache_dir, progress=True, verify=self.verify
-            )
+            self._read(progress=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if self.cache_file is None:  # another rank, or no Trainer: checked here
-            self.cache_file = tokenize_to_cache(self.path, self.cache_dir, verify=self.verify)
-        ids = load_tokens(self.cache_file)
-        self.max_id = read_record(self.cache_file).max_id
+        self._read(progress=False)  # another rank, or no Trainer: checked here
+        name = self.path or EMBEDDED
+        files = [file for file, _ in self.arrays["path"]]
+        arrays = [ids for _, ids in self.arrays["path"]]
+        if sum(len(ids) for ids in arrays) == 0:
+            raise ValueError(f"data.path={name!r} holds no text: the corpus is empty")
         window = self.context_length + 1
-        source = self.path or EMBEDDED
-        if len(ids) == 0:
-            raise ValueError(f"data.path={source!r} holds no text: the corpus is empty")
-        # The last val_fraction of the tokens validates: one range, so no window holds both sets.
-        num_val = max(int(len(ids) * self.val_fraction), window) if self.val_fraction else 0
-        if len(ids) - num_val < window:
-            raise ValueError(
-                f"data.path={source!r} has {len(ids)} tokens, too few for one training window "
-                f"of {window} tokens plus {num_val} validation tokens: give more text, "
-                "or lower model.context_length or data.val_fraction"
-            )
-        split = len(ids) - num_val
-        self.train_set = SlidingWindowDataset(ids[:split], self.context_length, self.stride)
-        self.val_set = SlidingWindowDataset(ids[split:], self.context_length, self.stride)
+        if "val_path" in self.arrays:  # a fixed validation set
+            train, val = arrays, [ids for _, ids in self.arrays["val_path"]]
+        elif any(
+            is_val_shard(file) for file in files
+        ):  # shards named as llm.c and build-nanogpt do
+            train = [ids for file, ids in zip(files, arrays, strict=True) if not is_val_shard(file)]
+            val = [ids for file, ids in zip(files, arrays, strict=True) if is_val_shard(file)]
+        elif self.val_fraction:
+            try:
+                train, val = split_tail(arrays, self.val_fraction, window)
+            except ValueError as error:
+                raise ValueError(
+                    f"data.path={name!r}: {error}: give more text, or lower "
+                    "model.context_length or data.val_fraction"
+                ) from None
+        else:
+            train, val = arrays, []
+        self.train_set = self._windows(train)
+        self.val_set = self._windows(val)
         if len(self.train_set) < self.batch_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} "
-                f"training windows of data.path={source!r}: lower data.batch_size or add text"
+                f"training windows of data.path={name!r}: lower data.batch_size or add text"
             )
+
+    def _windows(self, arrays: list[np.ndarray]) -> Dataset:
+        sets = [SlidingWindowDataset(ids, self.context_length, self.stride) for ids in arrays]
+        return sets[0] if len(sets) == 1 else ConcatDataset(sets)  # no window spans two shards
 
     def _loader(self, dataset: Dataset, train: bool) -> StatefulDataLoader:
         # StatefulDataLoader's position in the epoch is saved in the checkpoint: an exact resume.
@@ -187,15 +249,23 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(dataset, train=False)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # A cache file over CHECKSUM_BYTES is checked by its size only (unless data.verify): an id
-        # it holds beyond the vocabulary is refused here, in the main process, in one line, rather
-        # than as an IndexError in the embedding. A max over the batch costs microseconds.
+        # A cache file over CHECKSUM_BYTES is checked by its size only (unless data.verify), and
+        # shards by their header: an id beyond the vocabulary is refused here, in the main
+        # process, in one line, rather than as an IndexError in the embedding. A max over the
+        # batch costs microseconds.
         largest = max(int(batch[0].max()), int(batch[1].max()))
         if largest >= VOCAB_SIZE:
+            name, source = self.path or EMBEDDED, self.sources["path"]
+            files = ", ".join(str(file) for key in self.arrays for file, _ in self.arrays[key])
+            fix = (
+                "they were not written with GPT-2's tokenizer, or are damaged"
+                if isinstance(source, list)
+                else f"the file is damaged; rebuild it with "
+                f"{rebuild_command(source, cache_folder(self.cache_dir))}"
+            )
             raise ValueError(
-                f"data.path={self.path or EMBEDDED!r}: its token cache {self.cache_file} holds id "
-                f"{largest}, beyond the GPT-2 vocabulary's {VOCAB_SIZE}: the file is damaged; "
-                f"rebuild it with {rebuild_command(self.path, cache_folder(self.cache_dir))}"
+                f"data.path={name!r}: its tokens ({files}) hold id {largest}, beyond the GPT-2 "
+                f"vocabulary's {VOCAB_SIZE}: {fix}"
             )
         return batch
 

@@ -38,7 +38,7 @@ def check_run(cfg: DictConfig) -> None:
     OmegaConf.to_container(cfg, resolve=True)  # names a key that does not resolve; instantiate not
     if not isinstance(cfg.val_before_fit, bool):
         raise ValueError(f"val_before_fit={cfg.val_before_fit!r} is invalid: use true or false")
-    if cfg.data.get("val_fraction") == 0:
+    if cfg.data.get("val_fraction") == 0 and cfg.data.get("val_path") is None:
         raise ValueError(
             "data.val_fraction=0 leaves nothing to validate on, and a run validates (before "
             "training, every trainer.val_check_interval steps, at the end): give one in (0, 1)"

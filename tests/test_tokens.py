@@ -30,6 +30,11 @@ EOT = 50256
 
 
 # About 600 GPT-2 tokens of plain prose.
+def doc_ids(*docs: str) -> list[int]:
+    """The ids of documents as the cache lays them out: <|endoftext|> before each one."""
+    return [i for doc in docs for i in [EOT, *get_tokenizer().encode_ordinary(doc)]]
+
+
 def cached_ids(path, cache_dir: Path) -> list[int]:
     return load_tokens(tokenize_to_cache(path, cache_dir)).tolist()
 
@@ -106,17 +111,14 @@ def test_documents_are_joined_with_endoftext(tmp_path):
     write(tmp_path / "docs" / "1.txt", doc1)
     write(tmp_path / "docs" / "2.txt", doc2)
     ids = cached_ids(tmp_path / "docs", tmp_path / "cache")
-    assert ids == enc.encode_ordinary(doc1) + [EOT] + enc.encode_ordinary(doc2)
-    assert ids.count(EOT) == 1
+    assert ids == doc_ids(doc1, doc2)
+    assert ids.count(EOT) == 2
 
 
 def test_folder_documents_follow_sorted_order(corpus_dir, tmp_path):
     enc = get_tokenizer()
     docs = [f.read_text() for f in source_files(corpus_dir)]
-    expected = enc.encode_ordinary(docs[0])
-    for doc in docs[1:]:
-        expected += [EOT] + enc.encode_ordinary(doc)
-    assert cached_ids(corpus_dir, tmp_path / "cache") == expected
+    assert cached_ids(corpus_dir, tmp_path / "cache") == doc_ids(*docs)
 
 
 def test_a_large_file_is_read_in_pieces_with_the_same_ids(tmp_path):
@@ -153,11 +155,11 @@ def test_text_that_is_not_utf8_is_refused_with_its_offset(tmp_path):
 
 
 def test_endoftext_written_in_a_file_is_plain_text(tmp_path):
-    # Only the separator between files is the special id; the literal string is ordinary text.
+    # Only the mark before each document is the special id; the literal string is ordinary text.
     file = write(tmp_path / "a.txt", "before <|endoftext|> after")
     ids = cached_ids(file, tmp_path / "cache")
-    assert EOT not in ids
-    assert get_tokenizer().decode(ids) == "before <|endoftext|> after"
+    assert ids.count(EOT) == 1 and ids[0] == EOT  # the document's own
+    assert get_tokenizer().decode(ids[1:]) == "before <|endoftext|> after"
 
 
 # --- token cache ---------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def test_cache_file_is_named_by_hash(tmp_path):
     target = tokenize_to_cache(file, tmp_path / "cache")
     assert target.parent == tmp_path / "cache"
     assert re.fullmatch(r"[0-9a-f]{32}\.bin", target.name)
-    assert target.stat().st_size == 2 * len(get_tokenizer().encode_ordinary(TEXT))  # uint16
+    assert target.stat().st_size == 2 * len(doc_ids(TEXT))  # uint16
     record = target.with_suffix(".json").name
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [target.name, record, "index"]
 
@@ -250,7 +252,7 @@ def test_index_entry_for_a_deleted_cache_file_is_not_trusted(tmp_path):
     first = tokenize_to_cache(file, tmp_path / "cache")
     first.unlink()
     again = tokenize_to_cache(file, tmp_path / "cache")
-    assert again == first and load_tokens(again).tolist() == get_tokenizer().encode_ordinary(TEXT)
+    assert again == first and load_tokens(again).tolist() == doc_ids(TEXT)
 
 
 def test_changed_text_gets_a_new_cache_file(tmp_path):
@@ -261,8 +263,8 @@ def test_changed_text_gets_a_new_cache_file(tmp_path):
     new = tokenize_to_cache(file, tmp_path / "cache")
     assert new != old
     assert old.exists()
-    assert load_tokens(new).tolist() == enc.encode_ordinary(TEXT + " One more sentence.")
-    assert load_tokens(old).tolist() == enc.encode_ordinary(TEXT)
+    assert load_tokens(new).tolist() == doc_ids(TEXT + " One more sentence.")
+    assert load_tokens(old).tolist() == doc_ids(TEXT)
 
 
 def test_no_temp_files_are_left_behind(tmp_path, corpus_dir):
@@ -305,7 +307,7 @@ def test_empty_file_caches_zero_tokens(tmp_path):
 
 def test_embedded_corpus_is_cleaned_prose():
     docs = embedded_documents()
-    assert 70 <= len(docs) <= 90  # one per topic of pydoc_data.topics (79 on Python 3.11)
+    assert 350 <= len(docs) <= 700  # 79 topics and 381 modules' docstrings on Python 3.11
     for doc in docs:
         assert doc.endswith("\n") and doc.strip()
         assert "  " not in doc
@@ -314,11 +316,44 @@ def test_embedded_corpus_is_cleaned_prose():
             assert not (line and set(line) <= set("*=-~^")), line
 
 
-def test_embedded_corpus_has_over_100k_tokens(token_cache):
+def test_embedded_corpus_holds_the_reference_and_the_docstrings_mixed():
+    from pydoc_data.topics import topics
+
+    docs = embedded_documents()
+    at = [docs.index(tokens._clean(topics[name])) for name in topics]  # every topic, whole
+    # The modules' docstrings, e.g. json's, are a document of their own.
+    assert any(doc.startswith("JSON (JavaScript Object Notation)") for doc in docs)
+    # Shuffled by a hash of the name, in the same order every time: the validation tail (the
+    # last 10%) holds both kinds of text.
+    assert embedded_documents() == docs
+    tail_topics = sum(i >= len(docs) * 0.9 for i in at)
+    assert tail_topics >= 3 and len(docs) * 0.1 - tail_topics >= 3
+
+
+def test_a_document_holds_public_docstrings_in_source_order(tmp_path):
+    source = '''"""The module, in four words."""
+class Shown:
+    """A public class and its words."""
+    def method(self):
+        """A public method and its words."""
+    def _hidden(self):
+        """A private helper, left out."""
+def short():
+    """Too short."""
+'''
+    tree = tokens.ast.parse(source)
+    assert list(tokens._docstrings(tree)) == [
+        "The module, in four words.",
+        "A public class and its words.",
+        "A public method and its words.",
+    ]
+
+
+def test_embedded_corpus_has_over_400k_tokens(token_cache):
     ids = load_tokens(tokenize_to_cache(None, token_cache))
-    assert len(ids) > 100_000
+    assert len(ids) > 400_000
     assert int(ids.max()) == EOT
-    assert int((ids == EOT).sum()) == len(embedded_documents()) - 1
+    assert int((ids == EOT).sum()) == len(embedded_documents())
 
 
 def test_cache_files_are_readable_by_others(tmp_path):
@@ -341,7 +376,7 @@ def test_prepare_command_caches_and_reports_the_count(tmp_path, module):
     cache = tmp_path / "cache"
     result = run_module(module, "prepare", str(file), "--cache-dir", str(cache))
     assert result.returncode == 0, result.stderr
-    n = len(get_tokenizer().encode_ordinary(TEXT))
+    n = len(doc_ids(TEXT))
     (target,) = cache.glob("*.bin")
     assert f"{n:,} tokens cached in {target}" in result.stdout
     # the hint for training names the same cache, quoted for the shell
@@ -479,7 +514,7 @@ def test_prepare_tokenizes_a_damaged_cache_file_again_in_one_line(tmp_path, dama
     assert result.returncode == 0, result.stderr
     line = f"token cache {target} does not match its record ({reason.format(size=size)})"
     assert messages(result.stderr) == [f"{line}: tokenizing again"]
-    assert load_tokens(target).tolist() == get_tokenizer().encode_ordinary(TEXT)
+    assert load_tokens(target).tolist() == doc_ids(TEXT)
     assert tokens.mismatch(target) is None
     assert cache_files(cache) == before  # nothing lost, nothing left over
 
@@ -497,7 +532,7 @@ def test_a_damaged_cache_file_of_the_embedded_corpus_is_tokenized_again(tmp_path
 
 def test_the_record_says_what_the_cache_file_holds(tmp_path):
     target = tokenize_to_cache(write(tmp_path / "a.txt", TEXT), tmp_path / "cache")
-    ids = get_tokenizer().encode_ordinary(TEXT)
+    ids = doc_ids(TEXT)
     assert tokens.read_record(target) == tokens.CacheRecord(
         tokens=len(ids),
         dtype="uint16",
@@ -526,7 +561,7 @@ def test_a_record_that_cannot_be_read_is_no_record(tmp_path, record, capsys):
     assert tokenize_to_cache(file, tmp_path) == target
     line = f"token cache {target} does not match its record (no record): tokenizing again"
     assert capsys.readouterr().err == line + "\n"
-    assert tokens.read_record(target).tokens == len(get_tokenizer().encode_ordinary(TEXT))
+    assert tokens.read_record(target).tokens == len(doc_ids(TEXT))
 
 
 def test_a_record_without_its_cache_file_is_written_again(tmp_path, capsys):
@@ -552,7 +587,7 @@ def test_a_cache_file_over_the_checksum_limit_is_checked_by_size_unless_verified
     assert tokenize_to_cache(file, tmp_path / "cache", verify=True) == target
     line = f"token cache {target} does not match its record (checksum): tokenizing again"
     assert capsys.readouterr().err == line + "\n"
-    assert load_tokens(target).tolist() == get_tokenizer().encode_ordinary(TEXT)
+    assert load_tokens(target).tolist() == doc_ids(TEXT)
 
 
 # `python -m gpt2_lightning.data prepare <args>` with the checksum limit at 1 KB (not 1 GiB).
@@ -584,7 +619,7 @@ def test_prepare_verify_checksums_a_cache_file_over_the_limit(tmp_path):
     assert result.returncode == 0, result.stderr
     line = f"token cache {target} does not match its record (checksum): tokenizing again"
     assert messages(result.stderr) == [line]
-    assert load_tokens(target).tolist() == get_tokenizer().encode_ordinary(TEXT)
+    assert load_tokens(target).tolist() == doc_ids(TEXT)
     assert cache_files(cache) == before
 
 
@@ -620,7 +655,7 @@ def test_prepare_refuses_a_damaged_cache_it_cannot_write_in_one_line(tmp_path, m
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
     assert main(["prepare", str(file), "--cache-dir", str(cache)]) == 1
-    reason = f"size: 600 bytes, the record says {2 * len(get_tokenizer().encode_ordinary(TEXT)):,}"
+    reason = f"size: 600 bytes, the record says {2 * len(doc_ids(TEXT)):,}"
     assert messages(capsys.readouterr().err) == [
         f"token cache {target} does not match its record ({reason}): tokenizing again",
         f"error: token cache {target} does not match its record ({reason}) and cannot be written "
