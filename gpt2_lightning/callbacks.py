@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
@@ -253,9 +254,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, plus the tokens/s that ThroughputMonitor measures. Where its
-    output is not a terminal (a log file, CI, nohup, tee), redrawn bars would be hundreds of lines
-    of escape codes: there it prints a plain line every log_every steps and per validation."""
+    """Lightning's progress bar as one bar of the run's steps: step of max_steps (a resumed run
+    starts where it stopped), loss, val/loss, tokens/s and the time left; a validation inside
+    fit shows in that bar instead of stacking one below it. Where its output is not a terminal
+    (a log file, CI, nohup, tee), redrawn bars would be hundreds of lines of escape codes: there
+    it prints a plain line every log_every steps and per validation."""
 
     def __init__(self, refresh_rate: int = 1, log_every: int = 10):
         super().__init__(refresh_rate=refresh_rate)
@@ -267,12 +270,47 @@ class ProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)  # the logger's version: the run folder says it
         per_device = trainer.logged_metrics.get("train/device/items_per_sec")  # items = tokens
         if per_device is not None:
             items["tok/s"] = f"{float(per_device) * trainer.world_size:,.0f}"
         return items
 
+    def _steps(self, trainer: L.Trainer) -> bool:
+        return not self.plain and trainer.max_steps > 0  # else Lightning's bar of each epoch
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._steps(trainer):
+            bar = self.train_progress_bar
+            bar.total = trainer.max_steps
+            bar.initial = bar.n = trainer.global_step  # tqdm's rate and time left count from it
+            bar.set_description("train")  # and redraws
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self._steps(trainer):
+            super().on_train_epoch_start(trainer, *args)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        inside_fit = self.trainer.state.fn == "fit" and self._steps(self.trainer)
+        if inside_fit:
+            self.train_progress_bar.set_description("validating")  # and no bar of its own
+        return Tqdm(
+            desc=self.validation_description,
+            disable=self.is_disabled or inside_fit,
+            leave=False,  # gone when it ends: not one more line per validation
+            dynamic_ncols=True,
+            file=sys.stdout,
+            bar_format=self.BAR_FORMAT,
+        )
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any):
+        if self._steps(trainer):
+            bar = self.train_progress_bar
+            if trainer.global_step != bar.n:  # micro-batches of gradient accumulation share a step
+                bar.n = trainer.global_step
+                bar.set_postfix(self.get_metrics(trainer, pl_module))  # and redraws
+            return
         super().on_train_batch_end(trainer, pl_module, *args)
         step, last = trainer.global_step, trainer.global_step == trainer.max_steps
         if not self.plain or step == self._printed_step or not (step % self.log_every == 0 or last):
@@ -286,6 +324,8 @@ class ProgressBar(TQDMProgressBar):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit" and self._steps(trainer):
+            self.train_progress_bar.set_description("train")
         val = trainer.callback_metrics.get("val/loss")
         if self.plain and not trainer.sanity_checking and val is not None:
             step = f"step {trainer.global_step}/{trainer.max_steps}"

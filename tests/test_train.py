@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import math
 import os
+import pty
 import re
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import dead_pid, scalars, temp_file, text_samples
+from conftest import ROOT, TINY_RUN, dead_pid, scalars, temp_file, text_samples
 
 from gpt2_lightning.model import GPT
 from gpt2_lightning.module import WarmupCosine
@@ -288,6 +294,45 @@ def test_a_run_whose_output_is_not_a_terminal_prints_plain_lines(run_train, tmp_
     validated = [line.split()[1] for line in lines if "val/loss" in line]
     assert trained == ["2/6", "4/6", "6/6"]  # a line every 2 steps
     assert validated == ["0/6", "3/6", "6/6"]  # before training, then every 3 steps
+
+
+def in_a_terminal(command: list[str], cwd: Path) -> str:
+    """What a command prints in a terminal (a pseudo-terminal 120 columns wide), as text."""
+    main, other = pty.openpty()
+    fcntl.ioctl(other, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, stdout=other, stderr=other, cwd=cwd, env=env)
+    os.close(other)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 1 << 16)
+        except OSError:  # the command ended: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert process.wait() == 0, output.decode(errors="replace")[-2000:]
+    return output.decode(errors="replace")
+
+
+def test_in_a_terminal_one_bar_counts_the_steps_and_validation_stacks_none(tmp_path, token_cache):
+    args = [*TINY_RUN, f"data.cache_dir={token_cache}", "trainer.max_steps=8"]
+    run = [sys.executable, "-m", "gpt2_lightning.train", *args, "trainer.enable_progress_bar=true"]
+    first = in_a_terminal([*run, f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
+    fit = first[
+        first.index("train:") : first.index("`Trainer.fit` stopped")
+    ]  # after val_before_fit
+    drawn = [part for part in re.split(r"[\r\n]", fit) if "|" in part]
+    assert drawn and all(part.startswith(("train:", "validating:")) for part in drawn)
+    assert re.search(r"train: 100%\|.*\| 8/8 \[.*<00:00.*val/loss=", fit)  # time left, val/loss
+    assert "validating:  38%" in fit  # step 3 of 8 (val_check_interval=3), in the same bar
+    # A resumed run's bar starts at the step it resumed from, not at 0 of an epoch.
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    resume = [*run, "trainer.max_steps=12", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'b'}"]
+    again = in_a_terminal(resume, tmp_path)
+    assert re.search(r"train:  67%\|.*\| 8/12 ", again) and "| 0/12 " not in again
 
 
 def test_a_run_draws_its_loss_curve_into_the_run_folder(run_train, tmp_path):
