@@ -58,7 +58,7 @@ from gpt2_lightning.generate import is_integer
 from gpt2_lightning.generate_cli import _device
 from gpt2_lightning.model import GPT
 from gpt2_lightning.tokenizer import get_tokenizer
-from gpt2_lightning.tokens import VOCAB_SIZE, load_tokens, tokenize_to_cache
+from gpt2_lightning.tokens import VOCAB_SIZE, corpus_arrays, corpus_source
 from gpt2_lightning.weights import load_weights
 
 TASKS = ("perplexity", "hellaswag", "multiple_choice")
@@ -75,8 +75,10 @@ T = TypeVar("T")
 def corpus_tokens(
     path: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None
 ) -> np.ndarray:
-    """The token ids of a corpus (None = the embedded one), through the project's token cache."""
-    return load_tokens(tokenize_to_cache(path, cache_dir, progress=True))
+    """The token ids of a corpus in any format data.path takes (None = the embedded one): its
+    shards, or its documents through the token cache."""
+    arrays = [ids for _, ids in corpus_arrays(corpus_source(path, "path"), cache_dir, True)]
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 @dataclass(frozen=True)
