@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -490,6 +491,36 @@ def validate_final_step(
     return steps
 
 
+def cpu_bf16(cpuinfo: str | None = None) -> str | None:
+    """The CPU's flag for native bf16 products (amx_bf16, avx512_bf16) in /proc/cpuinfo, or None
+    (none there, or no such file: not Linux)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return None
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    found = set(flags.group(1).split()) if flags else set()
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in found), None)
+
+
+def native_precision(accelerator: str = "auto") -> str:
+    """trainer.precision=auto: bf16-mixed where the device multiplies bf16 natively (a GPU from
+    Ampere on, a CPU with AMX or AVX512-BF16), else 32-true, since there bf16 is far slower."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if cpu_bf16() else "32-true"
+
+
+def precision_note(trainer: L.Trainer) -> str:
+    """Which precision a run trained in, and whether its device has native bf16."""
+    if trainer.strategy.root_device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+        return f"{trainer.precision} (this GPU {'has' if native else 'lacks'} native bf16)"
+    flag = cpu_bf16()
+    native = f"this CPU has native bf16: {flag}" if flag else "this CPU has no native bf16"
+    return f"{trainer.precision} ({native})"
+
+
 class RunSummary:
     """What a run prints at its end: a sample, the steps, the val loss, where its files are."""
 
@@ -533,6 +564,7 @@ class RunSummary:
         print(f"\n--- sample (prompt {self.sample['prompt']!r}) ---\n{text}\n---")
         print(f"steps:      {steps}{resumed} in {seconds:.0f} s")
         print(f"val loss:   {since}{val:.3f}")
+        print(f"precision:  {precision_note(trainer)}")
         print(f"checkpoint: {last if last and last.is_file() else '(none written)'}")
         if any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
             print(f"tensorboard --logdir {Path(trainer.default_root_dir)}")

@@ -26,6 +26,7 @@ from gpt2_lightning.tokens import (
     remove_orphaned_files,
 )
 
+EMPTY = np.zeros(0, dtype=np.uint16)
 # What decides the windows and batches, and so what a saved data loader position means.
 WINDOW_SETTINGS = ("path", "val_path", "context_length", "stride", "batch_size", "val_fraction")
 
@@ -194,7 +195,9 @@ class TextDataModule(L.LightningDataModule):
 
     def _windows(self, arrays: list[np.ndarray]) -> Dataset:
         sets = [SlidingWindowDataset(ids, self.context_length, self.stride) for ids in arrays]
-        return sets[0] if len(sets) == 1 else ConcatDataset(sets)  # no window spans two shards
+        if len(sets) > 1:
+            return ConcatDataset(sets)  # no window spans two shards
+        return sets[0] if sets else SlidingWindowDataset(EMPTY, self.context_length, self.stride)
 
     def _loader(self, dataset: Dataset, train: bool) -> StatefulDataLoader:
         # StatefulDataLoader's position in the epoch is saved in the checkpoint: an exact resume.
@@ -244,6 +247,12 @@ class TextDataModule(L.LightningDataModule):
         # val_windows spread evenly over the validation set: a validation costs the same whatever
         # the corpus size, and sees the same windows in every run, on any number of devices.
         count, dataset = self.val_windows, self.val_set
+        if len(dataset) == 0:
+            raise ValueError(
+                f"data.path={self.path or EMBEDDED!r} leaves no validation window (data.val_path, "
+                "*val* shards or data.val_fraction give them), and a run validates: give "
+                "data.val_fraction in (0, 1), or a data.val_path of a window's tokens or more"
+            )
         if count is not None and count < len(dataset):
             dataset = Subset(dataset, [i * len(dataset) // count for i in range(count)])
         return self._loader(dataset, train=False)

@@ -26,10 +26,13 @@ from gpt2_lightning.callbacks import (
     ProgressBar,
     RunSummary,
     StopOnCtrlC,
+    native_precision,
     validate_final_step,
 )
 from gpt2_lightning.cli import check_command_line, one_line_errors
 from gpt2_lightning.weights import read_checkpoint
+
+OmegaConf.register_new_resolver("native_precision", native_precision)  # conf/trainer/default.yaml
 
 
 def check_run(cfg: DictConfig) -> None:
@@ -38,11 +41,6 @@ def check_run(cfg: DictConfig) -> None:
     OmegaConf.to_container(cfg, resolve=True)  # names a key that does not resolve; instantiate not
     if not isinstance(cfg.val_before_fit, bool):
         raise ValueError(f"val_before_fit={cfg.val_before_fit!r} is invalid: use true or false")
-    if cfg.data.get("val_fraction") == 0 and cfg.data.get("val_path") is None:
-        raise ValueError(
-            "data.val_fraction=0 leaves nothing to validate on, and a run validates (before "
-            "training, every trainer.val_check_interval steps, at the end): give one in (0, 1)"
-        )
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
         raise ValueError(f"seed={cfg.seed!r} is invalid: must be an integer in [0, 2**32)")
     for key, low in (("max_steps", -1), ("accumulate_grad_batches", 1)):

@@ -28,6 +28,7 @@ TINY_RUN = [
     "trainer.limit_val_batches=2",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
+    "trainer.precision=32-true",  # the same numbers on every CPU (the default follows the CPU)
     "sample.max_new_tokens=8",
 ]
 

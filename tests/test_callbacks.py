@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
+from gpt2_lightning import callbacks
 from gpt2_lightning.callbacks import (
     AtomicCheckpointIO,
     CheckpointWriteError,
@@ -128,3 +129,26 @@ def test_the_ctrl_c_stop_exits_as_a_shell_reports_the_signal():
     assert stop.exit_code == 128 + signal.SIGTERM  # a scheduler's SIGTERM
     stop.pressed = True
     assert stop.exit_code == 128 + signal.SIGINT
+
+
+CPUINFO = (
+    "processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 avx2 {extra}\n\nprocessor\t: 1\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [("avx512f amx_bf16 avx512_bf16", "amx_bf16"), ("avx512f avx512_bf16", "avx512_bf16"),
+     ("avx512f", None), ("", None)],
+)  # fmt: skip
+def test_native_bf16_is_read_from_the_cpus_flags(extra, flag):
+    assert callbacks.cpu_bf16(CPUINFO.format(vendor="AuthenticAMD", extra=extra)) == flag
+    assert callbacks.cpu_bf16("no flags line here") is None
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(callbacks, "cpu_bf16", lambda: "avx512_bf16")
+    assert callbacks.native_precision("auto") == callbacks.native_precision("cpu") == "bf16-mixed"
+    monkeypatch.setattr(callbacks, "cpu_bf16", lambda: None)
+    assert callbacks.native_precision("auto") == "32-true"

@@ -19,6 +19,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 
+import gpt2_lightning.train  # noqa: F401  registers native_precision, which default.yaml names
+from gpt2_lightning.callbacks import native_precision
 from gpt2_lightning.model import Block
 from gpt2_lightning.tokenizer import get_tokenizer
 
@@ -350,7 +352,7 @@ def test_trainer_presets_override_the_default():
     assert {name: (t.accelerator, t.precision) for name, t in presets.items()} == {
         "cpu": ("cpu", "32-true"),
         "gpu": ("gpu", "bf16-mixed"),
-        "ddp": ("auto", "32-true"),
+        "ddp": ("auto", native_precision("auto")),  # default.yaml's: by the device
         "fsdp": ("gpu", "bf16-mixed"),
     }
     assert (presets["ddp"].strategy, presets["ddp"].devices) == ("ddp", 2)
