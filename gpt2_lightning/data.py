@@ -52,9 +52,11 @@ class SlidingWindowDataset(Dataset):
         return window[:-1], window[1:]
 
 
-def document_start(ids: np.ndarray, position: int, minimum: int, block: int = 1 << 20) -> int:
-    """The start of the document that position falls in (its <|endoftext|>), so that whole
-    documents are held out; position itself if that start is before minimum (one document)."""
+def document_start(
+    ids: np.ndarray, position: int, minimum: int, block: int = 1 << 20
+) -> int | None:
+    """Where the document that position falls in starts (its <|endoftext|>), if at or after
+    minimum; None if it starts before (or in an array before this one)."""
     # Read backwards a block at a time: a memory map of billions of ids is never read whole.
     end = position + 1
     while end > minimum:
@@ -63,7 +65,7 @@ def document_start(ids: np.ndarray, position: int, minimum: int, block: int = 1 
         if len(found):
             return start + int(found[-1])
         end = start
-    return position
+    return None
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:
@@ -76,8 +78,9 @@ def _integer(name: str, value: Any, minimum: int) -> int:
 def split_tail(
     arrays: list[np.ndarray], fraction: float, window: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(train, val): the last fraction of the tokens validates, from the start of a document on,
-    so no document and no window is in both sets."""
+    """(train, val): the last fraction of the tokens validates, from the start of the document
+    it falls in (looked for back across arrays: a document may run on over shards), so no
+    document and no window is in both sets; a corpus of one document is cut where it falls."""
     total = sum(len(ids) for ids in arrays)
     num_val = max(int(total * fraction), window)
     if total - num_val < window:
@@ -85,19 +88,20 @@ def split_tail(
             f"{total} tokens are too few for one training window of {window} tokens plus "
             f"{num_val} validation tokens"
         )
-    train, val, position = [], [], total - num_val  # where validation starts, in the next array
-    for ids in arrays:
-        if position >= len(ids):
-            train.append(ids)
-        elif position > 0:
-            seen = sum(len(t) for t in train)
-            cut = document_start(ids, position, max(0, window - seen))
-            train.append(ids[:cut])
-            val.append(ids[cut:])
-        else:
-            val.append(ids)
-        position -= len(ids)
-    return train, val
+    starts = np.cumsum([0, *map(len, arrays)])[:-1].tolist()  # where each array begins
+    position = cut = total - num_val
+    for ids, start in reversed(list(zip(arrays, starts, strict=True))):
+        if start > position or not len(ids):
+            continue
+        found = document_start(ids, min(position - start, len(ids) - 1), max(0, window - start))
+        if found is not None:
+            cut = start + found
+            break
+        if start <= window:  # the document began before the first window's end
+            break
+    train = [ids[: max(0, cut - start)] for ids, start in zip(arrays, starts, strict=True)]
+    val = [ids[max(0, cut - start) :] for ids, start in zip(arrays, starts, strict=True)]
+    return [ids for ids in train if len(ids)], [ids for ids in val if len(ids)]
 
 
 class TextDataModule(L.LightningDataModule):

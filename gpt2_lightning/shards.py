@@ -168,7 +168,8 @@ def _start_worker() -> None:
 def _encode(item: tuple[str, bool]) -> np.ndarray:
     text, starts = item
     ids = get_tokenizer().encode_ordinary(text)
-    return np.array([EOT, *ids] if starts else ids, dtype=np.uint16)
+    # An empty document is none: no <|endoftext|> of its own (as in the token cache).
+    return np.array([EOT, *ids] if starts and ids else ids, dtype=np.uint16)
 
 
 def _batches(items: Iterable[tuple[str, bool]], chars: int) -> Iterator[list[tuple[str, bool]]]:

@@ -18,10 +18,28 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from gpt2_lightning import tokens
-from gpt2_lightning.data import SlidingWindowDataset, TextDataModule
+from gpt2_lightning.data import SlidingWindowDataset, TextDataModule, split_tail
 from gpt2_lightning.module import GPTLightningModule
 from gpt2_lightning.tokenizer import get_tokenizer
-from gpt2_lightning.tokens import load_tokens, tokenize_to_cache
+from gpt2_lightning.tokens import load_tokens, read_record, tokenize_to_cache
+
+EOT = 50256  # <|endoftext|>, before each document
+# Three shards of documents (each starts with <|endoftext|>), ids 1..29 in place order.
+SHARDS = [
+    [EOT, 1, 2, 3, 4, 5, EOT, 7, 8, 9],
+    [EOT, 11, 12, 13, 14, EOT, 16, 17, 18, 19],
+    [EOT, 21, 22, 23, 24, 25, 26, 27, 28, 29],
+]
+
+
+def lists(arrays: list[np.ndarray]) -> list[list[int]]:
+    """The arrays that hold tokens, as lists (a split may leave an empty one: no windows)."""
+    return [ids.tolist() for ids in arrays if len(ids)]
+
+
+def doc_ids(docs: list[str]) -> list[int]:
+    """The ids of documents as the cache lays them out: <|endoftext|> before each one."""
+    return [i for doc in docs for i in [EOT, *get_tokenizer().encode_ordinary(doc)]]
 
 
 # About 600 GPT-2 tokens of plain prose: enough for dozens of windows of 8 or 16 tokens.
@@ -134,7 +152,7 @@ def test_small_corpus_keeps_one_full_validation_window(tmp_path):
     enc = get_tokenizer()
     text = " ".join(["word"] * 60)
     file = write(tmp_path / "small.txt", text)
-    n = len(enc.encode_ordinary(text))
+    n = 1 + len(enc.encode_ordinary(text))  # <|endoftext|>, then the document
     dm = setup_module_on(file, tmp_path, context_length=8, batch_size=1, val_fraction=0.1)
     assert int(n * 0.1) < 9
     assert len(dm.val_set.tokens) == 9  # context_length + 1: one whole validation window
@@ -157,9 +175,55 @@ def test_stride_defaults_to_context_length(text_file, tmp_path):
 def test_embedded_corpus_is_the_default(token_cache):
     dm = TextDataModule(context_length=16, batch_size=2, cache_dir=str(token_cache))
     dm.setup("fit")
-    total = len(load_tokens(tokenize_to_cache(None, token_cache)))
-    assert len(dm.train_set.tokens) + len(dm.val_set.tokens) == total
-    assert len(dm.val_set.tokens) == int(total * 0.1)
+    ids = load_tokens(tokenize_to_cache(None, token_cache))
+    assert np.array_equal(np.concatenate([dm.train_set.tokens, dm.val_set.tokens]), ids)
+    # the last 10% of the tokens, from the <|endoftext|> of the document the 10% begin in
+    nominal = len(ids) - int(len(ids) * 0.1)
+    start = int(np.flatnonzero(ids[: nominal + 1] == EOT)[-1])
+    assert start < nominal and len(dm.train_set.tokens) == start
+
+
+def test_validation_holds_out_whole_documents(tmp_path):
+    enc = get_tokenizer()
+    docs = [f"Document {i} says: " + "more words " * (10 + 3 * i) for i in range(8)]
+    for i, doc in enumerate(docs):
+        write(tmp_path / "docs" / f"{i}.txt", doc)
+    dm = setup_module_on(tmp_path / "docs", tmp_path, context_length=8, val_fraction=0.3)
+    starts = np.cumsum([0] + [1 + len(enc.encode_ordinary(doc)) for doc in docs])
+    nominal = starts[-1] - int(starts[-1] * 0.3)  # where the last 30% begin
+    k = int(np.searchsorted(starts, nominal, side="right")) - 1  # the document it falls in
+    assert starts[k] < nominal  # inside it: the split moves back to its start
+    assert dm.train_set.tokens.tolist() == doc_ids(docs[:k])
+    assert dm.val_set.tokens.tolist() == doc_ids(docs[k:])
+
+
+def test_shards_are_split_at_a_document_start_in_the_shard_the_split_falls_in():
+    shards = [np.array(ids, dtype=np.uint16) for ids in SHARDS]  # 30 tokens
+    # 12 validation tokens from position 18, in the second shard: its document starts at 15
+    train, val = split_tail(shards, 0.4, window=5)
+    assert lists(train) == [SHARDS[0], SHARDS[1][:5]]
+    assert lists(val) == [SHARDS[1][5:], SHARDS[2]]
+    # 7 from position 23, in the third shard's first document: the third shard validates
+    train, val = split_tail(shards, 0.25, window=5)
+    assert lists(train) == SHARDS[:2]
+    assert lists(val) == SHARDS[2:]
+
+
+def test_a_document_that_spans_two_shards_is_held_out_whole():
+    # prepare_shards cuts a document where a training shard fills: the one at 6 goes on in the
+    # second shard, where the split (7 validation tokens, position 23) falls
+    shards = [np.array(SHARDS[0], dtype=np.uint16), np.arange(14, 34, dtype=np.uint16)]
+    train, val = split_tail(shards, 0.25, window=5)
+    assert lists(train) == [SHARDS[0][:6]]
+    assert lists(val) == [SHARDS[0][6:], list(range(14, 34))]
+
+
+def test_val_fraction_zero_trains_on_every_token_and_validates_on_none(text_file, tmp_path):
+    dm = setup_module_on(text_file, tmp_path, context_length=8, val_fraction=0.0)
+    assert dm.train_set.tokens.tolist() == doc_ids([TEXT])
+    assert len(dm.val_set) == 0
+    with pytest.raises(ValueError, match="leaves no validation window"):  # a run validates
+        dm.val_dataloader()
 
 
 def test_setup_twice_keeps_the_datasets(text_file, tmp_path):
@@ -196,7 +260,11 @@ def test_empty_file_is_refused(tmp_path):
 
 def test_corpus_shorter_than_one_window_is_refused(tmp_path):
     file = write(tmp_path / "short.txt", "hello world")  # 2 tokens
-    with pytest.raises(ValueError, match=r"has 2 tokens, too few for one training window of 9"):
+    message = (
+        f"data.path={str(file)!r}: 3 tokens are too few for one training window of 9 tokens plus "
+        "9 validation tokens: give more text, or lower model.context_length or data.val_fraction"
+    )  # <|endoftext|>, "hello", " world"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         setup_module_on(file, tmp_path, context_length=8)
 
 
@@ -212,9 +280,10 @@ def test_missing_path_is_refused_with_its_name(tmp_path):
         TextDataModule(path=str(missing))
 
 
-def test_folder_without_txt_is_refused(tmp_path):
+def test_folder_without_text_or_records_is_refused(tmp_path):
     write(tmp_path / "docs" / "notes.md", "markdown, not .txt")
-    with pytest.raises(ValueError, match=r"is a folder that holds no \*\.txt files"):
+    message = "is a folder that holds no text or record files (.txt, .jsonl, .json, .parquet)"
+    with pytest.raises(ValueError, match=re.escape(message)):
         TextDataModule(path=str(tmp_path / "docs"))
 
 
@@ -255,6 +324,7 @@ def test_resuming_with_other_windows_warns_that_the_resume_is_not_exact(text_fil
     saved = TextDataModule(path=str(text_file), context_length=8, batch_size=4).state_dict()
     assert saved == {
         "path": str(text_file),
+        "val_path": None,
         "context_length": 8,
         "stride": 8,
         "batch_size": 4,
@@ -274,7 +344,8 @@ def test_resuming_with_other_windows_warns_that_the_resume_is_not_exact(text_fil
 
 
 def test_validation_takes_val_windows_spread_evenly_and_the_same_every_time(text_file, tmp_path):
-    # 599 tokens, 59 of them validation: at stride 2, 28 windows of 4 + 1 tokens; 5 taken.
+    # 600 tokens (<|endoftext|>, then TEXT's 599), 60 of them validation: at stride 2, 28
+    # windows of 4 + 1 tokens; 5 taken.
     kwargs = dict(context_length=4, stride=2, batch_size=2, val_windows=5)
     dm = setup_module_on(text_file, tmp_path, **kwargs)
     assert len(dm.val_set) == 28
@@ -295,22 +366,25 @@ def test_validation_takes_every_window_when_asked_or_when_there_are_fewer(
     assert len(dm.val_set) == 28
 
 
-def test_the_default_run_still_validates_on_every_window(token_cache):
+def test_the_default_run_validates_on_256_windows_of_the_embedded_corpus(token_cache):
     # conf's defaults: the tiny model's 128 tokens, batches of 8, the embedded corpus
     dm = TextDataModule(context_length=128, batch_size=8, cache_dir=str(token_cache))
     dm.setup("fit")
     assert dm.val_windows == 256
-    assert len(dm.val_set) == 89  # 11,508 tokens: 89 x 128 = 11,392 of them predicted
-    assert dm.val_dataloader().dataset is dm.val_set
+    # on Python 3.11: 44,261 tokens, 345 windows; a validation predicts 256 x 128 of them
+    assert len(dm.val_set) == 345
+    assert len(dm.val_dataloader().dataset) == 256
 
 
 # --- what a start finds in the token cache -------------------------------------------------------
 
 
-def test_setup_exposes_the_largest_id(text_file, tmp_path):
+def test_setup_exposes_the_cache_file_its_ids_and_their_largest_id(text_file, tmp_path):
     dm = setup_module_on(text_file, tmp_path, context_length=8)
-    largest = max(get_tokenizer().encode_ordinary(TEXT))
-    assert dm.max_id == int(load_tokens(dm.cache_file).max()) == largest
+    ((file, ids),) = dm.arrays["path"]
+    assert file == tokenize_to_cache(text_file, tmp_path / "cache")
+    assert ids.tolist() == [EOT, *get_tokenizer().encode_ordinary(TEXT)]
+    assert read_record(file).max_id == int(ids.max()) == EOT  # every document starts with it
 
 
 def test_setup_trains_on_all_the_text_after_its_cache_was_truncated(text_file, tmp_path, capsys):
@@ -338,7 +412,8 @@ def test_prepare_data_removes_orphans_once_and_says_so(text_file, tmp_path, caps
         f"removed orphaned temporary files: 2.5 MB in {cache}"
     ]
     assert not orphan.exists()
-    assert dm.cache_file == tokenize_to_cache(text_file, cache) and dm.cache_file.exists()
+    ((file, _),) = dm.arrays["path"]
+    assert file == tokenize_to_cache(text_file, cache) and file.exists()
 
 
 def test_an_id_beyond_the_vocabulary_stops_training_in_one_line(text_file, tmp_path, monkeypatch):
@@ -363,9 +438,9 @@ def test_an_id_beyond_the_vocabulary_stops_training_in_one_line(text_file, tmp_p
     with pytest.raises(ValueError) as error:  # not an IndexError in the embedding
         trainer.fit(module, dm)
     assert str(error.value) == (
-        f"data.path={str(text_file)!r}: its token cache {target} holds id 65535, beyond the GPT-2 "
+        f"data.path={str(text_file)!r}: its tokens ({target}) hold id 65535, beyond the GPT-2 "
         "vocabulary's 50257: the file is damaged; rebuild it with python -m gpt2_lightning.data "
         f"prepare {text_file} --cache-dir {cache} --verify"
     )
-    assert dm.max_id == max(get_tokenizer().encode_ordinary(TEXT))  # the record's: it is damaged
-    assert target.stat().st_size == 2 * len(get_tokenizer().encode_ordinary(TEXT))
+    assert read_record(target).max_id == EOT  # the record is right: the file is damaged
+    assert target.stat().st_size == 2 * (1 + len(get_tokenizer().encode_ordinary(TEXT)))

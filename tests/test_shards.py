@@ -27,7 +27,7 @@ WORDS = "the quick brown fox jumps over a lazy dog while rain falls on old stone
 
 
 def corpus() -> list[tuple[str, bool]]:
-    """30 documents of 5 to 30 tokens, some in two pieces, one empty: 635 tokens with the EOTs."""
+    """30 documents of 5 to 30 tokens, some in two pieces, one empty: 634 tokens with the EOTs."""
     items = []
     for i in range(30):
         words = [WORDS[(i + 3 * j) % len(WORDS)] for j in range(3 + (i * 7) % 23)]
@@ -39,9 +39,14 @@ def corpus() -> list[tuple[str, bool]]:
 
 
 def expected(items: list[tuple[str, bool]]) -> list[int]:
-    """The peers' stream: <|endoftext|> before each document, none before a continuation."""
+    """The peers' stream: <|endoftext|> before each document, none before a continuation, and
+    none for an empty document."""
     enc = get_tokenizer()
-    return [i for text, starts in items for i in [EOT] * starts + enc.encode_ordinary(text)]
+    return [
+        i
+        for text, starts in items
+        for i in [EOT] * (starts and bool(text)) + enc.encode_ordinary(text)
+    ]
 
 
 def header(*ints: int) -> bytes:
@@ -170,13 +175,13 @@ def test_prepare_writes_the_peers_token_stream_in_shards(tmp_path):
     items = corpus()
     files = prepare(items, tmp_path / "out")
     ids = expected(items)
-    assert len(ids) == 635
+    assert len(ids) == 634
     assert stream(files) == ids
     names = [f.name for f in files]
     assert names[:3] == ["shard_val_000000.bin", "shard_train_000001.bin", "shard_train_000002.bin"]
     assert names == [f"shard_train_{k:06d}.bin" if k else "shard_val_000000.bin" for k in range(13)]
     # val: whole documents up to the first past 60 tokens; train: 50 each, split mid-document
-    assert [len(read_shard(f)) for f in files] == [81] + [50] * 11 + [4]
+    assert [len(read_shard(f)) for f in files] == [81] + [50] * 11 + [3]
 
 
 def test_the_val_shard_holds_whole_documents_up_to_val_tokens(tmp_path):
@@ -208,7 +213,7 @@ def test_val_tokens_zero_writes_no_validation_shard(tmp_path):
     files = prepare(items, tmp_path / "out", val_tokens=0)
     assert files[0].name == "shard_train_000001.bin" and not any(map(is_val_shard, files))
     assert stream(files) == expected(items)
-    assert [len(read_shard(f)) for f in files] == [50] * 12 + [35]
+    assert [len(read_shard(f)) for f in files] == [50] * 12 + [34]
 
 
 def test_a_corpus_smaller_than_val_tokens_all_goes_to_the_validation_shard(tmp_path, capsys):
@@ -217,7 +222,7 @@ def test_a_corpus_smaller_than_val_tokens_all_goes_to_the_validation_shard(tmp_p
     assert [f.name for f in files] == ["shard_val_000000.bin"]
     assert stream(files) == expected(items)
     err = capsys.readouterr().err
-    assert "all 635 tokens went to the validation shard" in err and "--val-tokens" in err
+    assert "all 634 tokens went to the validation shard" in err and "--val-tokens" in err
 
 
 def stopping(items: list[tuple[str, bool]], count: int):

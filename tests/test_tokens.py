@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,11 @@ from gpt2_lightning.tokens import (
 )
 
 EOT = 50256
+# What a path that names no corpus is told to be instead.
+HINT = (
+    "give a text or record file (.txt, .jsonl, .json, .parquet), a folder or glob of them, "
+    "token shards (.bin, .npy), a save_to_disk folder or hf://<dataset>"
+)
 
 
 # About 600 GPT-2 tokens of plain prose.
@@ -89,9 +95,9 @@ def test_a_folder_leaves_out_hidden_files_and_folders_named_txt(corpus_dir):
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        ("", "data.path='' is empty: give a text file"),  # not the current folder
+        ("", f"data.path='' is empty: {HINT}"),  # not the current folder
         ("  ", "data.path='  ' is empty"),
-        ("/dev/null", "data.path='/dev/null' is not a file or folder: give a text file"),
+        ("/dev/null", f"data.path='/dev/null' is not a file or folder: {HINT}"),
     ],
 )
 def test_paths_that_name_no_text_are_refused(path, message):
@@ -105,7 +111,6 @@ def test_single_file_is_its_own_source(tmp_path):
 
 
 def test_documents_are_joined_with_endoftext(tmp_path):
-    enc = get_tokenizer()
     doc1 = "The first document ends here."
     doc2 = "A second one, which starts fresh.\n"
     write(tmp_path / "docs" / "1.txt", doc1)
@@ -115,25 +120,40 @@ def test_documents_are_joined_with_endoftext(tmp_path):
     assert ids.count(EOT) == 2
 
 
+def test_an_empty_document_gives_no_tokens(tmp_path):
+    # not even its <|endoftext|>: an empty file or record is no document
+    write(tmp_path / "docs" / "a.txt", "The first document.")
+    write(tmp_path / "docs" / "b.txt", "")
+    write(tmp_path / "docs" / "c.jsonl", '{"text": ""}\n{"text": "The last one."}\n')
+    ids = cached_ids(tmp_path / "docs", tmp_path / "cache")
+    assert ids == doc_ids("The first document.", "The last one.")
+
+
 def test_folder_documents_follow_sorted_order(corpus_dir, tmp_path):
-    enc = get_tokenizer()
     docs = [f.read_text() for f in source_files(corpus_dir)]
     assert cached_ids(corpus_dir, tmp_path / "cache") == doc_ids(*docs)
 
 
-def test_a_large_file_is_read_in_pieces_with_the_same_ids(tmp_path):
+@pytest.fixture(scope="module")
+def embedded() -> list[str]:
+    """The embedded corpus's documents, built once (it takes seconds: the stdlib is parsed)."""
+    return embedded_documents()
+
+
+def test_a_large_file_is_read_in_pieces_with_the_same_ids(tmp_path, embedded):
     # The embedded corpus with non-ASCII text, as one file read 4 KB at a time: a multi-byte
     # character can straddle two reads, and the cuts must not change a single id.
     # Then stretches without a place to cut: blank lines, a long line, indented lines.
     text = (
-        "\n".join(embedded_documents())
+        "\n".join(embedded)
         + "Café, naïve, 漢字 — ünïcödé\n" * 50
         + "\n" * 10_000
         + "word " * 3_000
         + "\n  indented\n\tand tabbed\n \n"
     )
     file = write(tmp_path / "big.txt", text)
-    pieces = [piece for batch, _ in tokens._batches([file], 64 << 10, 4 << 10) for piece in batch]
+    documents = tokens._documents([file], piece_bytes=4 << 10)
+    pieces = [piece for batch, _ in tokens._batches(documents, 64 << 10) for piece in batch]
     assert len(pieces) > 100 and sum(starts for _, starts in pieces) == 1
     assert "".join(piece for piece, _ in pieces) == text
     sizes = sorted(len(piece.encode()) for piece, _ in pieces)
@@ -256,7 +276,6 @@ def test_index_entry_for_a_deleted_cache_file_is_not_trusted(tmp_path):
 
 
 def test_changed_text_gets_a_new_cache_file(tmp_path):
-    enc = get_tokenizer()
     file = write(tmp_path / "a.txt", TEXT)
     old = tokenize_to_cache(file, tmp_path / "cache")
     write(file, TEXT + " One more sentence.")
@@ -305,8 +324,8 @@ def test_empty_file_caches_zero_tokens(tmp_path):
 # --- the embedded corpus -------------------------------------------------------------------------
 
 
-def test_embedded_corpus_is_cleaned_prose():
-    docs = embedded_documents()
+def test_embedded_corpus_is_cleaned_prose(embedded):
+    docs = embedded
     assert 350 <= len(docs) <= 700  # 79 topics and 381 modules' docstrings on Python 3.11
     for doc in docs:
         assert doc.endswith("\n") and doc.strip()
@@ -316,10 +335,10 @@ def test_embedded_corpus_is_cleaned_prose():
             assert not (line and set(line) <= set("*=-~^")), line
 
 
-def test_embedded_corpus_holds_the_reference_and_the_docstrings_mixed():
+def test_embedded_corpus_holds_the_reference_and_the_docstrings_mixed(embedded):
     from pydoc_data.topics import topics
 
-    docs = embedded_documents()
+    docs = embedded
     at = [docs.index(tokens._clean(topics[name])) for name in topics]  # every topic, whole
     # The modules' docstrings, e.g. json's, are a document of their own.
     assert any(doc.startswith("JSON (JavaScript Object Notation)") for doc in docs)
@@ -349,11 +368,11 @@ def short():
     ]
 
 
-def test_embedded_corpus_has_over_400k_tokens(token_cache):
+def test_embedded_corpus_has_over_400k_tokens(token_cache, embedded):
     ids = load_tokens(tokenize_to_cache(None, token_cache))
     assert len(ids) > 400_000
     assert int(ids.max()) == EOT
-    assert int((ids == EOT).sum()) == len(embedded_documents())
+    assert int((ids == EOT).sum()) == len(embedded)
 
 
 def test_cache_files_are_readable_by_others(tmp_path):
@@ -408,10 +427,7 @@ def test_prepare_command_names_a_missing_path(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0] == (
-        f"error: {str(missing)!r} does not exist: give a text file, a folder of *.txt files or "
-        "a glob"
-    )
+    assert lines[0] == f"error: {str(missing)!r} does not exist: {HINT}"
     assert list(tmp_path.iterdir()) == []  # no cache file, no temp file
 
 
@@ -519,9 +535,14 @@ def test_prepare_tokenizes_a_damaged_cache_file_again_in_one_line(tmp_path, dama
     assert cache_files(cache) == before  # nothing lost, nothing left over
 
 
-def test_a_damaged_cache_file_of_the_embedded_corpus_is_tokenized_again(tmp_path, capsys):
-    target = tokenize_to_cache(None, tmp_path)
-    expected = load_tokens(target).tolist()
+def test_a_damaged_cache_file_of_the_embedded_corpus_is_tokenized_again(
+    tmp_path, token_cache, capsys
+):
+    cached = tokenize_to_cache(None, token_cache)  # copied, not tokenized once more
+    target = tmp_path / cached.name
+    for suffix in (".bin", ".json"):
+        shutil.copy(cached.with_suffix(suffix), target.with_suffix(suffix))
+    expected = load_tokens(cached).tolist()
     third_overwritten(target, 50257, 65536)
     assert tokenize_to_cache(None, tmp_path) == target
     assert capsys.readouterr().err == (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, dead_pid, scalars, temp_file, text_samples
+from conftest import ROOT, TINY_RUN, dead_pid, run_module, scalars, temp_file, text_samples
 
 from gpt2_lightning.model import GPT
 from gpt2_lightning.module import WarmupCosine
@@ -296,6 +296,10 @@ def test_a_run_whose_output_is_not_a_terminal_prints_plain_lines(run_train, tmp_
     assert validated == ["0/6", "3/6", "6/6"]  # before training, then every 3 steps
 
 
+# The default run's val loss in the README (Intel Xeon with AMX, bf16-mixed, Python 3.11).
+DOCUMENTED_VAL_LOSS = 5.0
+
+
 def in_a_terminal(command: list[str], cwd: Path) -> str:
     """What a command prints in a terminal (a pseudo-terminal 120 columns wide), as text."""
     main, other = pty.openpty()
@@ -342,3 +346,16 @@ def test_a_run_draws_its_loss_curve_into_the_run_folder(run_train, tmp_path):
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
     assert (width, height) == (700, 480)  # figsize (7, 4.8) at 100 dpi
+
+
+@pytest.mark.slow
+def test_the_default_run_reaches_its_documented_loss(tmp_path, token_cache):
+    # README command 1: no arguments but where to write. Its summary is the README's.
+    result = run_module(
+        "gpt2_lightning.train", f"data.cache_dir={token_cache}", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr
+    summary = re.search(r"val loss: +([0-9.]+) -> ([0-9.]+)", result.stdout)
+    assert summary is not None, result.stdout
+    assert float(summary[1]) == pytest.approx(10.82, abs=0.02)  # ln(50257) = 10.82: untrained
+    assert float(summary[2]) <= DOCUMENTED_VAL_LOSS + 0.05  # bf16 or fp32, whichever the CPU has
