@@ -140,6 +140,20 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def own_peak_rss_mib() -> float:
+    """This process's peak resident memory since it started its program (VmHWM, Linux).
+
+    ru_maxrss keeps the peak of the process that spawned it across exec (a phase started by a
+    parent holding 800 MiB reports 800 MiB or more); /proc's VmHWM belongs to the new program.
+    Where there is no /proc (macOS), ru_maxrss.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return peak_rss_mib()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
 def spawn_phase(script: str, phase: str, *args: str) -> dict[str, float]:
     """Run `python <script> --phase <phase> <args>` in a fresh process (its imports and memory
     its own) and return the JSON line it printed last."""

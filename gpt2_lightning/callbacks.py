@@ -1,6 +1,7 @@
 """What Lightning lacks: text samples, RNG state for exact resume, a last.ckpt of the final step,
 checkpoints written atomically (a failed write in one line), Ctrl-C as a stop after the step,
-tokens/s in the progress bar, glibc's allocator kept warm, and the run summary."""
+tokens/s in the progress bar, glibc's allocator kept warm, evaluation after each validation, and
+the run summary."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,16 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, St
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gpt2_lightning.evaluate import (
+    STYLES,
+    TASKS,
+    _count,
+    corpus_tokens,
+    load_choice_items,
+    load_hellaswag,
+    perplexity,
+    score_choices,
+)
 from gpt2_lightning.files import atomic_file, remove_orphans
 from gpt2_lightning.generate import check_sampling, generate
 from gpt2_lightning.tokenizer import get_tokenizer
@@ -108,6 +120,113 @@ class TextSample(L.Callback):
                 # Markdown: indented four spaces, TensorBoard shows the text as written
                 shown = "    " + self.last_text.replace("\n", "\n    ")
                 experiment.add_text("sample", shown, global_step=trainer.global_step)
+
+
+class Evaluation(L.Callback):
+    """After each validation (the one before fit and the final one too), a task of
+    gpt2_lightning.evaluate scored on the model and logged through pl_module.log as eval/*
+    scalars (TensorBoard, callback_metrics: a checkpoint or a sweep can follow them):
+
+    - hellaswag, multiple_choice: eval/<style>/acc and eval/<style>/acc_norm for each style
+      (completion, harness);
+    - perplexity: eval/loss (nats per token), eval/ppl and eval/bpb (bits per byte).
+
+    The items or the corpus are read once, here: a wrong path fails before training starts.
+    Under DDP each rank scores its share and the counts are summed across ranks (evaluate's
+    rank_split), so every rank logs the same values. The model's mode is restored after.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        path: str | None = None,
+        limit: int | None = None,
+        batch_size: int = 8,
+        styles: Sequence[str] = STYLES,
+        stride: int | None = None,
+        cache_dir: str | None = None,
+    ):
+        if task not in TASKS:
+            raise ValueError(f"eval.task={task!r} is unknown: use {', '.join(TASKS)}")
+        _count("eval.limit", limit, none=True)
+        _count("eval.batch_size", batch_size)
+        if stride is not None:
+            _count("eval.stride", stride)
+        styles = list(styles)
+        if not styles or any(style not in STYLES for style in styles):
+            raise ValueError(
+                f"eval.styles={styles!r} is invalid: use a list of {', '.join(STYLES)}"
+            )
+        if task == "multiple_choice" and path is None:
+            raise ValueError(
+                "eval=multiple_choice needs eval.path=<a .jsonl file: ctx, endings, label>"
+            )
+        self.task, self.batch_size, self.styles, self.stride = task, batch_size, styles, stride
+        try:
+            if task == "perplexity":  # path None: the embedded corpus
+                self.tokens = corpus_tokens(path, cache_dir)[:limit]
+                self.count = len(self.tokens) - 1  # targets: every token after the first
+            else:  # hellaswag's path None: downloaded once
+                load = load_hellaswag if task == "hellaswag" else load_choice_items
+                self.items = load(path, limit)
+                self.count = len(self.items)
+        except ValueError as error:  # the library's messages name its own keys
+            raise ValueError(re.sub(r"\b(data\.)?path=", "eval.path=", str(error))) from None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if shards_weights(trainer.strategy):  # a rank cannot run the model alone
+            raise ValueError(
+                f"eval={self.task} cannot run under {type(trainer.strategy).__name__}, where each "
+                "rank holds a shard of the weights: evaluate a checkpoint instead, with "
+                "`python -m gpt2_lightning.evaluate checkpoint=<run>/checkpoints/last.ckpt`"
+            )
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """The task's numbers, named as they are logged (without the eval/ prefix)."""
+        if self.task == "perplexity":
+            found = perplexity(model, self.tokens, self.stride, self.batch_size)
+            return {metric: found[metric] for metric in ("loss", "ppl", "bpb")}
+        results = {}
+        for style in self.styles:
+            found = score_choices(model, self.items, style, self.batch_size)
+            results |= {f"{style}/{metric}": found[metric] for metric in ("acc", "acc_norm")}
+        return results
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, value in self.evaluate(pl_module.model).items():
+            pl_module.log(f"eval/{name}", value, sync_dist=False)  # already the same on all ranks
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        """The run summary's line: the last values logged, read from callback_metrics (which
+        ddp_spawn's processes hand back too)."""
+        if self.task == "perplexity":
+            formats = {"loss": ".4f", "ppl": ".2f", "bpb": ".4f"}
+            if not all(f"eval/{name}" in metrics for name in formats):
+                return f"{self.task} (not run)"
+            values = ", ".join(
+                f"{name} {float(metrics[f'eval/{name}']):{spec}}" for name, spec in formats.items()
+            )
+            return f"{self.task} {values} on {self.count:,} tokens"
+        names = [f"eval/{style}/acc_norm" for style in self.styles]
+        if not all(name in metrics for name in names):
+            return f"{self.task} (not run)"
+        values = ", ".join(
+            f"{float(metrics[name]):.4f} ({style})"
+            for name, style in zip(names, self.styles, strict=True)
+        )
+        return f"{self.task} acc_norm {values} on {self.count:,} items"
+
+
+def logged_metric(trainer: L.Trainer, name: str) -> float:
+    """The last value of a scalar the run logged (optimized_metric: what a sweep optimizes)."""
+    if name not in trainer.callback_metrics:
+        logged = ", ".join(sorted(k for k in trainer.callback_metrics if not k.startswith("fit/")))
+        raise ValueError(
+            f"optimized_metric={name!r} was not logged by this run: it logged {logged}"
+        )
+    return float(trainer.callback_metrics[name])
 
 
 class RNGState(L.Callback):
@@ -565,6 +684,9 @@ class RunSummary:
         print(f"steps:      {steps}{resumed} in {seconds:.0f} s")
         print(f"val loss:   {since}{val:.3f}")
         print(f"precision:  {precision_note(trainer)}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, Evaluation):
+                print(f"eval:       {callback.summary(trainer.callback_metrics)}")
         print(f"checkpoint: {last if last and last.is_file() else '(none written)'}")
         if any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
             print(f"tensorboard --logdir {Path(trainer.default_root_dir)}")

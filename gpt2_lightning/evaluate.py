@@ -56,7 +56,7 @@ from gpt2_lightning.cli import CONF, check_command_line, one_line_errors
 from gpt2_lightning.files import atomic_file, cache_home
 from gpt2_lightning.generate import is_integer
 from gpt2_lightning.generate_cli import _device
-from gpt2_lightning.model import GPT
+from gpt2_lightning.model import GPT, KVCache
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.tokens import VOCAB_SIZE, corpus_arrays, corpus_source
 from gpt2_lightning.weights import load_weights
@@ -317,47 +317,139 @@ class ItemScore:
     correct_norm: bool
 
 
-def _candidates(item: ChoiceItem, style: str) -> list[tuple[list[int], list[int], int]]:
-    """(context ids, candidate ids, what acc_norm divides by) for each ending, as style has it."""
+Encoded = tuple[list[int], list[list[int]], list[int]]  # an item's context, candidates, lengths
+
+
+def _encode(item: ChoiceItem, style: str, context_length: int) -> Encoded:
+    """The context's ids, each candidate's, and what acc_norm divides each candidate's
+    log-likelihood by, as style has them; every candidate follows the same context."""
     enc = get_tokenizer()
 
     def encode(text: str) -> list[int]:
         return enc.encode(text, allowed_special="all")  # as transformers' tokenizer does
 
-    found = []
     if style == "completion":
         context = encode(item.context)
-        for ending in item.endings:
-            candidate = encode(DELIMITER + ending)
-            found.append((context, candidate, len(candidate)))
-        return found
-    for choice in item.choices:  # harness: HFLM's _encode_pair
-        context, continuation = item.query, DELIMITER + choice
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        context_ids = encode(context)
-        found.append((context_ids, encode(context + continuation)[len(context_ids) :], len(choice)))
-    return found
-
-
-def _rows(
-    item: ChoiceItem, style: str, context_length: int
-) -> list[tuple[list[int], list[int], int]]:
-    """Each candidate's (model input, candidate ids it is scored on, acc_norm's divisor)."""
-    rows = []
-    for k, (context, candidate, length) in enumerate(_candidates(item, style)):
+        candidates = [encode(DELIMITER + ending) for ending in item.endings]
+        lengths = [len(candidate) for candidate in candidates]
+    else:  # harness: HFLM's _encode_pair, whose context ids are the same for every choice
+        query, moved = item.query.rstrip(), item.query[len(item.query.rstrip()) :]
+        context = encode(query)  # the query's trailing whitespace moves into each continuation
+        candidates = [encode(query + moved + DELIMITER + c)[len(context) :] for c in item.choices]
+        lengths = [len(choice) for choice in item.choices]
+    for k, candidate in enumerate(candidates):
         if len(candidate) > context_length:
             raise ValueError(
                 f"ending {k} of the item {item.context[:40]!r}... has {len(candidate)} tokens, "
                 f"more than the model's context_length={context_length}"
             )
-        # An empty context: the candidate follows <|endoftext|>, as the harness conditions it.
-        # Too long: the last context_length + 1 tokens, as lm-eval keeps (the model reads all
-        # but the last), so the context's first tokens are lost, never the candidate's.
-        tokens = ((context or [get_tokenizer().eot_token]) + candidate)[-(context_length + 1) :]
-        rows.append((tokens[:-1], candidate, length))
-    return rows
+    # An empty context: the candidates follow <|endoftext|>, as the harness conditions them.
+    return context or [enc.eot_token], candidates, lengths
+
+
+def _fits_whole(encoded: Encoded, context_length: int) -> bool:
+    """Whether the model reads the whole context before every candidate (and none is empty)."""
+    context, candidates, _ = encoded
+    sizes = [len(candidate) for candidate in candidates]
+    return min(sizes) >= 1 and len(context) + max(sizes) - 1 <= context_length
+
+
+def _context_batches(
+    encoded: Sequence[Encoded], indices: list[int], batch_size: int, context_length: int
+) -> Iterator[list[int]]:
+    """The indices in batches of at most batch_size, longest context first (little padding, as
+    the harness sorts its requests), each batch's widest context and longest candidate fitting
+    the model's context together."""
+    batch: list[int] = []
+    width = tail = 0
+    for i in sorted(indices, key=lambda i: -len(encoded[i][0])):
+        context, candidates, _ = encoded[i]
+        longest = max(len(candidate) for candidate in candidates) - 1
+        if batch and (len(batch) == batch_size or width + max(tail, longest) > context_length):
+            yield batch
+            batch = []
+        if not batch:
+            width, tail = len(context), 0
+        batch.append(i)
+        tail = max(tail, longest)
+    if batch:
+        yield batch
+
+
+def _score_shared(model: GPT, group: Sequence[Encoded]) -> list[list[float]]:
+    """Each candidate's log-likelihood, the items' contexts run once (left-padded into one
+    batch), then every candidate of every item in one batch after its context's keys and values
+    (the KV cache, each item's row repeated for each of its candidates)."""
+    device, dtype = _device_of(model), next(model.parameters()).dtype
+    width = max(len(context) for context, _, _ in group)
+    candidates = [candidate for _, item_candidates, _ in group for candidate in item_candidates]
+    tail = max(len(candidate) for candidate in candidates) - 1  # the last token is no input
+    contexts = torch.zeros(len(group), width, dtype=torch.long)
+    real = torch.zeros(len(group), width + tail, dtype=torch.long)  # the attention mask
+    for row, (context, _, _) in enumerate(group):
+        contexts[row, width - len(context) :] = torch.tensor(context)
+        real[row, width - len(context) : width] = 1
+    cache = KVCache(model.cfg, len(group), width + tail, device, dtype)
+    # The last context position's logits score each candidate's first token.
+    first = model(contexts.to(device), cache, real[:, :width].to(device), last_only=True)
+    item_of = [row for row, (_, item_candidates, _) in enumerate(group) for _ in item_candidates]
+    index = torch.tensor(item_of, device=device)
+    heads = torch.tensor([candidate[0] for candidate in candidates], device=device)
+    sums = first[:, 0].float().log_softmax(-1)[index, heads].double()  # (candidates,)
+    if tail:
+        inputs = torch.zeros(len(candidates), tail, dtype=torch.long)  # right-padded
+        mask = real[item_of]
+        row_of, position, target = [], [], []
+        for row, candidate in enumerate(candidates):
+            inputs[row, : len(candidate) - 1] = torch.tensor(candidate[:-1], dtype=torch.long)
+            mask[row, width : width + len(candidate) - 1] = 1
+            row_of += [row] * (len(candidate) - 1)
+            position += range(len(candidate) - 1)
+            target += candidate[1:]
+        cache.keys, cache.values = cache.keys[:, index], cache.values[:, index]
+        logits = model(inputs.to(device), cache, mask.to(device))  # (candidates, tail, vocab)
+        row_of, position, target = (
+            torch.tensor(v, device=device) for v in (row_of, position, target)
+        )
+        picked = logits[row_of, position].float()
+        logprob = picked.log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+        sums.index_add_(0, row_of, logprob.double())
+    return _per_item(sums.tolist(), group)
+
+
+def _score_rows(model: GPT, group: Sequence[Encoded]) -> list[list[float]]:
+    """Each candidate's log-likelihood, one row of context + candidate each, cut as the harness
+    cuts a row longer than the model's context: its last context_length + 1 tokens (the model
+    reads all but the last), so the context's first tokens are lost, never the candidate's."""
+    device, context_length = _device_of(model), model.cfg.context_length
+    rows = [
+        ((context + candidate)[-(context_length + 1) :][:-1], candidate)
+        for context, candidates, _ in group
+        for candidate in candidates
+    ]
+    width = max(len(tokens) for tokens, _ in rows)
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: causal
+    row_of, position, target = [], [], []  # attention leaves the real tokens alone
+    for row, (tokens, candidate) in enumerate(rows):
+        inputs[row, : len(tokens)] = torch.tensor(tokens)
+        row_of += [row] * len(candidate)
+        position += range(len(tokens) - len(candidate), len(tokens))
+        target += candidate
+    logits = model(inputs.to(device))  # (rows, T, vocab_size)
+    row_of, position, target = (torch.tensor(v, device=device) for v in (row_of, position, target))
+    picked = logits[row_of, position].float()
+    logprob = picked.log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
+    return _per_item(sums.index_add_(0, row_of, logprob.double()).tolist(), group)
+
+
+def _per_item(sums: list[float], group: Sequence[Encoded]) -> list[list[float]]:
+    """The candidates' flat list of sums, cut into one list per item."""
+    found = []
+    for _, candidates, _ in group:
+        found.append(sums[: len(candidates)])
+        sums = sums[len(candidates) :]
+    return found
 
 
 def score_items(
@@ -368,39 +460,33 @@ def score_items(
     progress: bool = False,
 ) -> list[ItemScore]:
     """Each item's endings scored in style ("completion" or "harness"), batch_size items (with
-    all their endings) a forward pass."""
+    all their endings) a batch: the contexts once, then the endings after them, from the KV
+    cache; an item whose context must be cut to fit a candidate, one full row per ending."""
     if style not in STYLES:
         raise ValueError(f"style={style!r} is unknown: use {' or '.join(STYLES)}")
-    device = _device_of(model)
-    scores = []
+    context_length = model.cfg.context_length
+    encoded = [_encode(item, style, context_length) for item in items]
+    fits = [_fits_whole(e, context_length) for e in encoded]
+    whole = [i for i, fit in enumerate(fits) if fit]
+    cut = [i for i, fit in enumerate(fits) if not fit]
+    batches = [
+        (_score_shared, b) for b in _context_batches(encoded, whole, batch_size, context_length)
+    ]
+    batches += [(_score_rows, cut[k : k + batch_size]) for k in range(0, len(cut), batch_size)]
+    lls: list[list[float]] = [[] for _ in items]
     bar = tqdm(total=len(items), desc=f"{style} style", unit="item", disable=_bar(progress))
     with bar, _evaluating(model):
-        for first in range(0, len(items), batch_size):
-            batch = items[first : first + batch_size]
-            per_item = [_rows(item, style, model.cfg.context_length) for item in batch]
-            rows = [row for item_rows in per_item for row in item_rows]
-            width = max(len(tokens) for tokens, _, _ in rows)
-            inputs = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: causal
-            row_of, position, target = [], [], []  # attention leaves the real tokens alone
-            for row, (tokens, candidate, _) in enumerate(rows):
-                inputs[row, : len(tokens)] = torch.tensor(tokens)
-                row_of += [row] * len(candidate)
-                position += range(len(tokens) - len(candidate), len(tokens))
-                target += candidate
-            logits = model(inputs.to(device))  # (rows, T, vocab_size)
-            row_of, target = (torch.tensor(v, device=device) for v in (row_of, target))
-            picked = logits[row_of, torch.tensor(position, device=device)].float()
-            logprob = picked.log_softmax(-1).gather(1, target[:, None]).squeeze(1)
-            sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
-            sums = sums.index_add_(0, row_of, logprob.double()).tolist()
-            for item, item_rows in zip(batch, per_item, strict=True):
-                lengths = np.array([length for _, _, length in item_rows], dtype=np.float64)
-                lls, sums = np.array(sums[: len(lengths)]), sums[len(lengths) :]
-                with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice: -inf
-                    pred_norm = int(np.argmax(lls / lengths))
-                correct = int(np.argmax(lls)) == item.label
-                scores.append(ItemScore(tuple(lls.tolist()), correct, pred_norm == item.label))
+        for score, batch in batches:
+            for i, found in zip(batch, score(model, [encoded[i] for i in batch]), strict=True):
+                lls[i] = found
             bar.update(len(batch))
+    scores = []
+    for item, found, (_, _, lengths) in zip(items, lls, encoded, strict=True):
+        logprobs = np.array(found)
+        with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice: -inf
+            pred_norm = int(np.argmax(logprobs / np.array(lengths, dtype=np.float64)))
+        correct = int(np.argmax(logprobs)) == item.label
+        scores.append(ItemScore(tuple(logprobs.tolist()), correct, pred_norm == item.label))
     return scores
 
 

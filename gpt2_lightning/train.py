@@ -1,8 +1,8 @@
 """`python -m gpt2_lightning.train [key=value ...]`: compose the config, train, sample.
 
 The shape of lightning-hydra-template's train.py: compose -> instantiate the data, the module,
-callbacks, loggers and the Trainer from conf/ -> validate -> fit -> summary -> the final val/loss,
-which sweeps minimise. Every knob lives in conf/ (`--cfg job` prints the composed config).
+callbacks, loggers and the Trainer from conf/ -> validate -> fit -> summary -> the final value of
+optimized_metric (val/loss), which sweeps optimize. Every knob lives in conf/ (`--cfg job`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gpt2_lightning.callbacks import (
     ProgressBar,
     RunSummary,
     StopOnCtrlC,
+    logged_metric,
     native_precision,
     validate_final_step,
 )
@@ -73,7 +74,7 @@ def objects(group: DictConfig | None) -> list:
 
 
 def train(cfg: DictConfig) -> float:
-    """Train as cfg says; return the final val/loss."""
+    """Train as cfg says; return the final value of the metric optimized_metric names."""
     check_run(cfg)
     resumed_at = read_checkpoint(cfg.ckpt_path, "ckpt_path")["global_step"] if cfg.ckpt_path else 0
     summary = RunSummary(**cfg.sample, seed=cfg.seed, resumed_at=resumed_at)
@@ -82,6 +83,7 @@ def train(cfg: DictConfig) -> float:
     cfg.model = module.hparams.model  # init_from: the weights' architecture, which data follows
     datamodule = instantiate(cfg.data)
     callbacks, loggers = objects(cfg.get("callbacks")), objects(cfg.get("logger"))
+    callbacks += [instantiate(cfg.eval)] if cfg.get("eval") else []  # conf/eval/: the group's node
     if not loggers:  # LearningRateMonitor refuses to run without a logger to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # and Lightning a bar it must hide
@@ -101,15 +103,16 @@ def train(cfg: DictConfig) -> float:
     except SIGTERMException:  # Lightning finished the step, and LastCheckpoint saved last.ckpt
         sys.exit(stop.exit_code)
     summary.report(trainer, module, steps, first_val, time.perf_counter() - start)
-    return float(trainer.callback_metrics.get("val/loss", math.nan))
+    return logged_metric(trainer, cfg.optimized_metric)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> float:
-    val_loss = train(cfg)
+    value = train(cfg)
     # Optuna fails the whole sweep on a NaN (a run that diverged): count it as the worst instead.
-    return val_loss if math.isfinite(val_loss) else math.inf
+    worst = -math.inf if "max" in str(HydraConfig.get().sweeper.get("direction")) else math.inf
+    return value if math.isfinite(value) else worst
 
 
 if __name__ == "__main__":

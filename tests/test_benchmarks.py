@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Each --quick run imports torch, Lightning and transformers in one or more fresh processes:
-# about 20-40 s on 2 busy cores, so all three are slow tests.
+# about 20-40 s on 2 busy cores, so all of them are slow tests.
 pytestmark = pytest.mark.slow
 
 
@@ -118,6 +118,26 @@ def test_data_throughput_prints_every_phase() -> None:
     assert line_value(lines, label) == "True"
 
 
+def test_hellaswag_throughput_prints_every_variant_with_the_harness_numbers(tmp_path) -> None:
+    pytest.importorskip("lm_eval")
+    lines = run_quick("hellaswag_throughput.py", "--chart", str(tmp_path / "hellaswag.png"))
+    rows = {row["variant"]: row for row in table(lines)}
+    lm_eval = "lm-eval HFLM loglikelihood"
+    assert set(rows) == {"ours: harness style", "ours: completion style", lm_eval}
+    for row in rows.values():
+        for column in ("items/s", "ms/item", "vs lm-eval"):
+            assert number(row[column]) > 0, (row["variant"], column)
+        # items/s x ms/item is a second, up to the printed rounding
+        assert number(row["items/s"]) * number(row["ms/item"]) == pytest.approx(1000, rel=0.02)
+    assert rows[lm_eval]["vs lm-eval"] == "1.00x"
+    assert number(line_value(lines, "ours (harness style) / lm-eval")) > 0
+    # The harness style computes lm-eval's log-likelihoods: equal up to float32 rounding.
+    label = "log-likelihoods, harness style vs lm-eval (max abs difference)"
+    assert float(line_value(lines, label)) < 1e-3
+    width, height = png_size(Path(line_value(lines, "chart saved")))
+    assert width > height > 100
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [
@@ -145,3 +165,26 @@ def test_cache_startup_times_both_starts() -> None:
     for row in rows:
         assert number(row["total (s)"]) > 0 and number(row["peak RSS (MiB)"]) > 0
     assert "GB/s" in line_value(lines, "CRC-32 of the file alone")
+
+
+def test_prepare_throughput_prints_both_phases_both_sizes_and_the_warm_start(tmp_path) -> None:
+    lines = run_quick("prepare_throughput.py", "--chart", str(tmp_path / "prepare.png"))
+    # Two tables: speed, then prepare's memory at --quick's two corpus sizes (2 and 4 MB).
+    start = next(i for i, line in enumerate(lines) if line.startswith("peak memory of prepare"))
+    rows = {row["phase"]: row for row in table(lines[:start])}
+    assert set(rows) == {"tiktoken encode_ordinary, 1 process", "prepare_shards"}
+    for name, row in rows.items():
+        for column in ("seconds", "tokens/s", "tokens/s per core", "peak RSS (MiB)"):
+            assert number(row[column]) > 0, (name, column)
+    assert number(line_value(lines, "prepare per core / tiktoken")) > 0
+    label = "token counts agree (shards = tiktoken + one <|endoftext|> per document)"
+    assert line_value(lines, label) == "True"
+    memory = table(lines[start:])
+    assert [row["jsonl"] for row in memory] == ["2 MB", "4 MB"]
+    for row in memory:
+        assert number(row["process peak RSS (MiB)"]) > 0 and number(row["peak PSS, all (MiB)"]) > 0
+    assert number(memory[1]["tokens"]) > number(memory[0]["tokens"])
+    warm = line_value(lines, "warm start")
+    assert "8 MiB of shards" in warm and "one *val*" in warm, warm
+    width, height = png_size(Path(line_value(lines, "chart saved")))
+    assert width > height > 100

@@ -1,8 +1,11 @@
 """Evaluation: perplexity against transformers' own model, bits per byte by hand, both choice
-styles against a direct computation and lm-evaluation-harness, and the command line."""
+styles against a direct computation and lm-evaluation-harness, the endings scored from the KV
+cache against full rows, the command line, and during training the Evaluation callback and
+optimized_metric."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -12,19 +15,25 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, TINY_RUN, scalars
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from gpt2_lightning import GPT, GPTConfig, get_tokenizer
 from gpt2_lightning import evaluate as ev
-from gpt2_lightning.cli import check_command_line
+from gpt2_lightning import train as train_script
+from gpt2_lightning.callbacks import Evaluation, logged_metric
+from gpt2_lightning.cli import check_command_line, compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -430,3 +439,148 @@ def test_counts_are_summed_through_torch_distributed(model, tmp_path):
         assert (ev.score_choices(model, items, "harness"), ev.perplexity(model, ids)) == alone
     finally:
         torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring from the KV cache
+
+
+def test_endings_after_the_cached_context_equal_full_rows(model):
+    enc = get_tokenizer()
+    # Contexts of different lengths (left-padded into one batch), endings of one token and more.
+    texts = [
+        ("The cat sat on the", [" mat.", " rug near the warm fire", " dog"]),
+        ("Rain", [" fell", " fell all day and all night", "!"]),
+        ("She opened the old wooden door and", [" left", " saw", " smiled"]),
+    ]
+    group = [
+        (enc.encode(context), [enc.encode(e) for e in endings], [1] * len(endings))
+        for context, endings in texts
+    ]
+    assert all(ev._fits_whole(encoded, model.cfg.context_length) for encoded in group)
+    shared, rows = ev._score_shared(model, group), ev._score_rows(model, group)
+    for from_cache, from_rows in zip(shared, rows, strict=True):
+        np.testing.assert_allclose(from_cache, from_rows, rtol=0, atol=1e-5)
+
+
+def test_scoring_leaves_a_training_model_in_training_mode(model, tmp_path):
+    items = ev.load_choice_items(write_jsonl(tmp_path / "choices.jsonl", CHOICES))
+    model.train()
+    try:
+        ev.score_choices(model, items, "completion")
+        ev.perplexity(model, get_tokenizer().encode(TEXT))
+        assert all(module.training for module in model.modules())
+    finally:
+        model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# During training: the Evaluation callback, optimized_metric
+
+
+def rotations(docs: list[dict]) -> list[dict]:
+    """Each item once per ending, its endings rotated and its label with them: more to count."""
+    found = []
+    for doc in docs:
+        endings, label = doc["endings"], int(doc["label"])
+        for k in range(len(endings)):
+            rotated = endings[k:] + endings[:k]
+            found.append({**doc, "endings": rotated, "label": (label - k) % len(endings)})
+    return found
+
+
+def test_training_logs_the_evaluation_after_each_validation(run_train, tmp_path):
+    path = write_jsonl(tmp_path / "hellaswag.jsonl", rotations(HELLASWAG))
+    result = run_train("eval=hellaswag", f"eval.path={path}")
+    assert result.returncode == 0, result.stderr
+    logged = scalars(tmp_path / "run")
+    steps = sorted(logged["val/loss"])
+    assert len(steps) == 3  # before fit, after step 3, after step 6 (the final one)
+    names = [f"eval/{style}/{metric}" for style in ev.STYLES for metric in ("acc", "acc_norm")]
+    assert all(sorted(logged[name]) == steps for name in names)
+    model = GPT.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    items = ev.load_hellaswag(path)
+    expected = {style: ev.score_choices(model, items, style) for style in ev.STYLES}
+    for style in ev.STYLES:
+        for metric in ("acc", "acc_norm"):
+            value = logged[f"eval/{style}/{metric}"][steps[-1]]
+            assert value == pytest.approx(expected[style][metric], abs=1e-6)
+    completion, harness = (expected[style]["acc_norm"] for style in ev.STYLES)
+    assert (
+        f"eval:       hellaswag acc_norm {completion:.4f} (completion), {harness:.4f} (harness) "
+        "on 16 items"
+    ) in result.stdout.splitlines()
+
+
+@pytest.fixture
+def hydra_config() -> Iterator[HydraConfig]:
+    """Hydra's singleton, set by a test as Hydra sets it for a job, and put back after."""
+    instance = HydraConfig.instance()
+    saved = instance.cfg
+    yield instance
+    instance.cfg = saved
+
+
+def job_config(hydra_config: HydraConfig, overrides: list[str]) -> DictConfig:
+    """train's config composed, with its hydra node where HydraConfig.get() finds it, as in a
+    job that Hydra runs."""
+    cfg = compose_config("train", overrides)
+    hydra_config.set_config(cfg)
+    job = copy.deepcopy(cfg)
+    with open_dict(job):
+        del job["hydra"]
+    return job
+
+
+def test_a_sweep_can_maximize_an_evaluation_metric(tmp_path, token_cache, hydra_config):
+    path = write_jsonl(tmp_path / "choices.jsonl", rotations(CHOICES[1:]))
+    overrides = [
+        *TINY_RUN,
+        f"data.cache_dir={token_cache}",
+        f"run_dir={tmp_path / 'run'}",
+        "eval=multiple_choice",
+        f"eval.path={path}",
+        "eval.styles=[completion]",
+        "hparams_search=optuna",
+        "optimized_metric=eval/completion/acc_norm",
+        "hydra.sweeper.direction=maximize",
+    ]
+    value = train_script.main(job_config(hydra_config, overrides))
+    logged = scalars(tmp_path / "run")["eval/completion/acc_norm"]
+    assert value == pytest.approx(logged[max(logged)], abs=1e-6)
+
+
+@pytest.mark.parametrize("direction, worst", [("minimize", math.inf), ("maximize", -math.inf)])
+def test_a_diverged_run_counts_as_the_worst_value(direction, worst, hydra_config, monkeypatch):
+    cfg = job_config(
+        hydra_config, ["hparams_search=optuna", f"hydra.sweeper.direction={direction}"]
+    )
+    monkeypatch.setattr(train_script, "train", lambda cfg: math.nan)
+    assert train_script.main(cfg) == worst
+
+
+def test_a_metric_the_run_did_not_log_is_one_line():
+    metrics = {"val/loss": torch.tensor(2.5), "val/ppl": torch.tensor(12.2)}
+    trainer = SimpleNamespace(callback_metrics={**metrics, "fit/global_step": torch.tensor(6)})
+    assert logged_metric(trainer, "val/loss") == 2.5
+    with pytest.raises(ValueError) as error:
+        logged_metric(trainer, "eval/harness/acc")
+    assert str(error.value) == (
+        "optimized_metric='eval/harness/acc' was not logged by this run: it logged val/loss, "
+        "val/ppl"
+    )
+
+
+def test_the_callback_reads_its_file_at_once_and_names_its_keys(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(ValueError) as error:
+        Evaluation("hellaswag", path=str(missing))
+    assert str(error.value) == (
+        f"eval.path='{missing}' does not exist: give a .jsonl file, one item a line"
+    )
+    with pytest.raises(ValueError, match=r"^eval.styles=\['harnes'\] is invalid"):
+        Evaluation("multiple_choice", path=str(missing), styles=["harnes"])
+    with pytest.raises(ValueError, match=r"^eval.limit=0 is invalid: must be an integer >= 1"):
+        Evaluation("hellaswag", limit=0)
+    path = write_jsonl(tmp_path / "choices.jsonl", CHOICES)
+    assert Evaluation("multiple_choice", path=str(path), limit=2).count == 2
