@@ -154,7 +154,7 @@ def test_missing_data_path(run_train, tmp_path):
     missing = tmp_path / "no_such_corpus.txt"
     line = error_line(run_train(f"data.path={missing}"))
     assert f"data.path={str(missing)!r} does not exist" in line
-    assert "a text file, a folder of *.txt files or a glob" in line
+    assert "give a text or record file (.txt, .jsonl, .json, .parquet), a folder or glob" in line
     assert checkpoints(tmp_path / "run") == []
 
 
@@ -168,9 +168,9 @@ def test_empty_corpus(run_train, tmp_path):
 
 def test_corpus_shorter_than_one_window(run_train, tmp_path):
     corpus = tmp_path / "short.txt"
-    corpus.write_text("Too short to train on.")  # 6 tokens; a window is 33 (context_length 32)
+    corpus.write_text("Too short to train on.")  # 7 tokens with its <|endoftext|>; a window is 33
     line = error_line(run_train(f"data.path={corpus}"))
-    assert f"data.path={str(corpus)!r} has 6 tokens, too few for one training window" in line
+    assert f"data.path={str(corpus)!r}: 7 tokens are too few for one training window" in line
     assert "of 33 tokens" in line
     assert "lower model.context_length or data.val_fraction" in line
     assert checkpoints(tmp_path / "run") == []

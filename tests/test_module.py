@@ -28,7 +28,7 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
     batch = next(iter(data.train_dataloader()))
     before = module.loss(batch).item()
     trainer = L.Trainer(
-        max_steps=60,
+        max_steps=80,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
