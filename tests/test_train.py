@@ -300,8 +300,9 @@ def test_a_run_whose_output_is_not_a_terminal_prints_plain_lines(run_train, tmp_
     assert validated == ["0/6", "3/6", "6/6"]  # before training, then every 3 steps
 
 
-# The default run's val loss in the README (Intel Xeon with AMX, bf16-mixed, Python 3.11).
-DOCUMENTED_VAL_LOSS = 5.0
+# The default run's val loss in the README (Intel Xeon with AMX, bf16-mixed, Python 3.11.7);
+# fp32 on the same machine gave 6.052. Issue #18's goal, 5.0, is not reached yet.
+DOCUMENTED_VAL_LOSS = 6.058
 
 
 def in_a_terminal(command: list[str], cwd: Path) -> str:
