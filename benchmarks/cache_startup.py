@@ -52,7 +52,7 @@ def write_cache(source: Path, cache_dir: Path, num_bytes: int) -> Path:
     from gpt2_lightning import tokens
 
     source.write_text("a one-line corpus whose cache file is generated\n", encoding="utf-8")
-    target = cache_dir / f"{tokens.cache_key([source])}.bin"
+    target = cache_dir / f"{tokens.cache_key(tokens.resolve_source(source))}.bin"
     cache_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     count, crc, max_id, block = 0, 0, -1, 32 * MiB // 2

@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{median('warm', 'first_batch'):.3f} s"
     )
     # One <|endoftext|> between consecutive files is the only difference the pipeline adds.
-    agree = cached_tokens == bare_tokens + len(files) - 1
-    print(f"token counts agree (cache = tiktoken + one <|endoftext|> per file boundary): {agree}")
+    agree = cached_tokens == bare_tokens + len(files)
+    print(f"token counts agree (cache = tiktoken + one <|endoftext|> per file): {agree}")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_data_throughput_prints_every_phase() -> None:
             assert number(row[column]) > 0, (name, column)
         assert number(row["peak RSS (MiB)"]) >= number(row["RSS after imports (MiB)"])
     assert all(number(rows[name]["MB/s"]) > 0 for name in tokenizers)
-    label = "token counts agree (cache = tiktoken + one <|endoftext|> per file boundary)"
+    label = "token counts agree (cache = tiktoken + one <|endoftext|> per file)"
     assert line_value(lines, label) == "True"
 
 
