@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from gpt2_lightning.evaluate import (
     STYLES,
     TASKS,
-    _count,
+    check_count,
     corpus_tokens,
     load_choice_items,
     load_hellaswag,
@@ -148,10 +148,10 @@ class Evaluation(L.Callback):
     ):
         if task not in TASKS:
             raise ValueError(f"eval.task={task!r} is unknown: use {', '.join(TASKS)}")
-        _count("eval.limit", limit, none=True)
-        _count("eval.batch_size", batch_size)
+        check_count("eval.limit", limit, none=True)
+        check_count("eval.batch_size", batch_size)
         if stride is not None:
-            _count("eval.stride", stride)
+            check_count("eval.stride", stride)
         styles = list(styles)
         if not styles or any(style not in STYLES for style in styles):
             raise ValueError(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -284,3 +285,14 @@ def _compose_first_values(name: str, texts: list[str]) -> DictConfig | None:
         if missing:
             raise ValueError(unknown_key(name, key, override.input_line, fixed))
     return cfg
+
+
+def torch_device(name: str) -> torch.device:
+    """device=auto|cpu|cuda[:index] of the generate and evaluate commands, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", name):
+        raise ValueError(f"device={name!r} is not supported: use auto, cpu or cuda[:index]")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} is unavailable: this machine has no CUDA device")
+    return torch.device(name)

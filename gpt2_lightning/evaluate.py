@@ -52,10 +52,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from gpt2_lightning.cli import CONF, check_command_line, one_line_errors
+from gpt2_lightning.cli import CONF, check_command_line, one_line_errors, torch_device
 from gpt2_lightning.files import atomic_file, cache_home
 from gpt2_lightning.generate import is_integer
-from gpt2_lightning.generate_cli import _device
 from gpt2_lightning.model import GPT, KVCache
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.tokens import VOCAB_SIZE, corpus_arrays, corpus_source
@@ -576,7 +575,8 @@ def _write_results(out: Path, model: str, results: list[dict[str, Any]]) -> None
         f.write("\n")
 
 
-def _count(key: str, value: Any, none: bool = False) -> None:
+def check_count(key: str, value: Any, none: bool = False) -> None:
+    """A count the commands take (limit, batch_size, stride): an integer >= 1, or null if none."""
     if (value is None and none) or (is_integer(value) and value >= 1):
         return
     raise ValueError(
@@ -590,16 +590,16 @@ def _run(cfg: DictConfig) -> None:
     task = cfg.task
     if task not in TASKS:
         raise ValueError(f"task={task!r} is unknown: use {', '.join(TASKS)}")
-    _count("limit", cfg.limit, none=True)
-    _count("batch_size", cfg.batch_size)
+    check_count("limit", cfg.limit, none=True)
+    check_count("batch_size", cfg.batch_size)
     if cfg.stride is not None:
-        _count("stride", cfg.stride)
+        check_count("stride", cfg.stride)
     out = Path(str(cfg.out))
     if not str(cfg.out).strip() or out.is_dir():
         raise ValueError(
             f"out={cfg.out!r} is not a file name: name the results file, e.g. out=results.json"
         )
-    device = _device(str(cfg.device))
+    device = torch_device(str(cfg.device))
     path = None if cfg.path is None else str(cfg.path)
     if task == "perplexity":
         try:

@@ -6,30 +6,19 @@ python -m gpt2_lightning.generate checkpoint=124M prompt="Hello, I'm a language 
 from __future__ import annotations
 
 import codecs
-import re
 import sys
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from gpt2_lightning.cli import CONF, check_command_line, one_line_errors
+from gpt2_lightning.cli import CONF, check_command_line, one_line_errors, torch_device
 from gpt2_lightning.generate import check_sampling, is_integer, stream
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.weights import load_weights
 
 # The one-token steps' dtype; null (the default) or float32: the model's own
 DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", name):
-        raise ValueError(f"device={name!r} is not supported: use auto, cpu or cuda[:index]")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} is unavailable: this machine has no CUDA device")
-    return torch.device(name)
 
 
 def _run(cfg: DictConfig) -> None:
@@ -47,7 +36,7 @@ def _run(cfg: DictConfig) -> None:
         raise ValueError(
             f"prompt={cfg.prompt!r} is not text: quote it for Hydra, e.g. 'prompt=\"1e3\"'"
         )
-    device = _device(str(cfg.device))
+    device = torch_device(str(cfg.device))
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r} is invalid: use null (float32), bfloat16 or float16")
     dtype = DTYPES.get(cfg.dtype)
