@@ -6,7 +6,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -28,23 +28,44 @@ def umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
+class AtomicFile:
+    """A temporary file (.file, open) beside target that becomes target only on commit(): no reader
+    ever sees it half-written. discard(), or a commit that fails (a full disk refuses the last
+    bytes), leaves nothing behind. For a file written over a long time; atomic_file for a block."""
+
+    def __init__(self, target: str | os.PathLike, mode: str = "wb") -> None:
+        self.target = Path(target)
+        prefix = f"{TEMP_PREFIX}{os.getpid()}@{socket.gethostname()}-"
+        self.file = tempfile.NamedTemporaryFile(
+            mode, dir=self.target.parent, prefix=prefix, suffix=".tmp", delete=False
+        )
+
+    def commit(self) -> None:
+        try:
+            self.file.close()  # writes the last bytes
+            os.chmod(self.file.name, umask_mode(0o666))  # a temp file is private (0600); ours not
+            os.replace(self.file.name, self.target)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        with suppress(OSError):  # the last bytes, which a full disk refused
+            self.file.close()
+        os.unlink(self.file.name)
+
+
 @contextmanager
 def atomic_file(target: Path, mode: str = "wb") -> Iterator[IO]:
-    """A temporary file beside target that becomes target only when the block completes: no reader
-    ever sees it half-written, and an error (or Ctrl-C) inside the block, or in writing its last
-    bytes, leaves nothing behind."""
-    prefix = f"{TEMP_PREFIX}{os.getpid()}@{socket.gethostname()}-"
-    tmp = tempfile.NamedTemporaryFile(
-        mode, dir=target.parent, prefix=prefix, suffix=".tmp", delete=False
-    )
+    """An AtomicFile's file for the block, committed when the block completes; an error (or
+    Ctrl-C) inside it discards it."""
+    file = AtomicFile(target, mode)
     try:
-        with tmp:  # closed inside the try: close writes the last bytes, which a full disk refuses
-            yield tmp
-        os.chmod(tmp.name, umask_mode(0o666))  # a temp file is private (0600); ours are not
-        os.replace(tmp.name, target)
+        yield file.file
     except BaseException:
-        os.unlink(tmp.name)
+        file.discard()
         raise
+    file.commit()
 
 
 def remove_orphans(folder: Path) -> int:

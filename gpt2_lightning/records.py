@@ -101,18 +101,23 @@ def _json_lines(file: Path, field: str, json_suffix: bool = False) -> Iterator[s
             if not line.strip():
                 continue
             number += 1
-            where = f"{file}: record {number} (line {line_number})"
             try:
                 record = json.loads(line.decode("utf-8").rstrip("\r\n"))  # columns in the line
             except UnicodeDecodeError as error:
+                where = f"{file}: record {number} (line {line_number})"
                 raise ValueError(
                     f"{where} is not UTF-8 (byte {line[error.start]:#04x} at offset "
                     f"{start + error.start}): convert the file to UTF-8"
                 ) from None
             except json.JSONDecodeError as error:
+                where = f"{file}: record {number} (line {line_number})"
                 raise ValueError(
                     f"{where} is not JSON ({error.msg} at column {error.colno}){hint}"
                 ) from None
+            if type(record) is dict and type(text := record.get(field)) is str:
+                yield text  # the common case, without building `where` for an error
+                continue
+            where = f"{file}: record {number} (line {line_number})"
             if json_suffix and number == 1 and isinstance(record, dict) and field not in record:
                 # one object holding the records in a list, as some exports write them
                 lists = [key for key, value in record.items() if isinstance(value, list)]

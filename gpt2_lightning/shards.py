@@ -12,6 +12,7 @@ them records how far it got, so a stopped prepare continues where it stopped.
 from __future__ import annotations
 
 import glob
+import io
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_lightning.files import atomic_file, remove_orphans
+from gpt2_lightning.files import AtomicFile, atomic_file, remove_orphans
 from gpt2_lightning.tokenizer import get_tokenizer
 
 MAGIC = 20240520  # llm.c's header[0]
@@ -38,7 +39,7 @@ MANIFEST = "prepare.json"
 TOKENIZER = "gpt2:50257"
 EOT = 50256  # <|endoftext|>, before each document
 # Text handed to each worker at a time: with two batches in flight, memory is a few batches of
-# text and their tokens plus the shard being filled, whatever the corpus size.
+# text and their tokens, whatever the corpus and shard sizes.
 BATCH_CHARS = 4 << 20
 _SETTINGS = {  # a manifest's settings, each as the command line names it
     "tokenizer": "the tokenizer",
@@ -113,24 +114,25 @@ def write_shard(file: Path, tokens: np.ndarray) -> None:
         raise ValueError(f"{file}: ids {tokens.min()}..{tokens.max()} do not fit uint16 (0..65535)")
     if file.suffix not in SUFFIXES:
         raise ValueError(f"{file} is not named as a shard: give it a .bin or .npy suffix")
-    _write(file, [tokens.astype("<u2", copy=False)])
-
-
-def _write(file: Path, chunks: list[np.ndarray]) -> None:
-    """Write uint16 chunks as one shard, never joined in memory; .npy bytes are numpy.save's."""
-    count = sum(len(chunk) for chunk in chunks)
     with atomic_file(file) as out:
-        if file.suffix == ".bin":
-            if count > np.iinfo(np.int32).max:  # header[2] is an int32
-                raise ValueError(f"{file}: {count:,} tokens do not fit a .bin shard's header")
-            header = np.zeros(HEADER_INTS, dtype="<i4")
-            header[:3] = MAGIC, VERSION, count
-            out.write(header.tobytes())
-        else:  # the header numpy.save writes for such an array
-            header = {"descr": "<u2", "fortran_order": False, "shape": (count,)}
-            np.lib.format.write_array_header_1_0(out, header)
-        for chunk in chunks:
-            out.write(np.ascontiguousarray(chunk, dtype="<u2").data)
+        out.write(_header(file, len(tokens)))
+        out.write(np.ascontiguousarray(tokens, dtype="<u2").data)
+
+
+def _header(file: Path, count: int) -> bytes:
+    """The header of a shard of count tokens; its length is the same for every count, so a shard
+    written as its tokens arrive gets it last. .npy: the header numpy.save writes."""
+    if file.suffix == ".bin":
+        if count > np.iinfo(np.int32).max:  # header[2] is an int32
+            raise ValueError(f"{file}: {count:,} tokens do not fit a .bin shard's header")
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:3] = MAGIC, VERSION, count
+        return header.tobytes()
+    out = io.BytesIO()  # numpy pads it to the same length for up to 21 digits
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": "<u2", "fortran_order": False, "shape": (count,)}
+    )
+    return out.getvalue()
 
 
 def shard_files(path: str | os.PathLike) -> list[Path] | None:
@@ -167,9 +169,15 @@ def _start_worker() -> None:
 
 def _encode(item: tuple[str, bool]) -> np.ndarray:
     text, starts = item
-    ids = get_tokenizer().encode_ordinary(text)
+    # encode_ordinary's ids, as tiktoken's buffer (not a list of ints); with no special token
+    # allowed, <|endoftext|> inside a text is plain text.
+    ids = get_tokenizer().encode_to_numpy(text, disallowed_special=())
     # An empty document is none: no <|endoftext|> of its own (as in the token cache).
-    return np.array([EOT, *ids] if starts and ids else ids, dtype=np.uint16)
+    first = int(starts and len(ids) > 0)
+    out = np.empty(first + len(ids), dtype=np.uint16)
+    out[:first] = EOT
+    out[first:] = ids
+    return out
 
 
 def _batches(items: Iterable[tuple[str, bool]], chars: int) -> Iterator[list[tuple[str, bool]]]:
@@ -287,20 +295,33 @@ def _fill(
     shard_tokens, val_tokens = manifest["shard_tokens"], manifest["val_tokens"]
     index, skip = manifest["items"], manifest["item_tokens"]
     in_val = val_tokens > 0 and not manifest["shards"]
-    chunks, count = [], 0
+    # The shard being filled, written as its ids arrive (memory holds none of it), and its count.
+    shard, count = None, 0
+
+    def append(ids: np.ndarray) -> None:
+        nonlocal shard, count
+        if not len(ids):
+            return
+        if shard is None:  # numbered as the peers number them: val 0, train from 1
+            number = len(manifest["shards"]) + (0 if val_tokens > 0 else 1)
+            split = "val" if in_val else "train"
+            name = f"{manifest['prefix']}_{split}_{number:06d}.{manifest['fmt']}"
+            shard = AtomicFile(out / name)
+            shard.file.write(_header(shard.target, 0))
+        shard.file.write(np.ascontiguousarray(ids, dtype="<u2").data)
+        count += len(ids)
+        bar.update(len(ids))
 
     def flush(items: int, item_tokens: int) -> Path:
-        nonlocal chunks, count
-        # numbered as the peers number them: val 0, train from 1 (with or without a val shard)
-        number = len(manifest["shards"]) + (0 if val_tokens > 0 else 1)
-        split = "val" if in_val else "train"
-        name = f"{manifest['prefix']}_{split}_{number:06d}.{manifest['fmt']}"
-        _write(out / name, chunks)
-        manifest["shards"].append(name)
+        nonlocal shard, count
+        shard.file.seek(0)
+        shard.file.write(_header(shard.target, count))
+        shard.commit()
+        manifest["shards"].append(shard.target.name)
         manifest.update(items=items, item_tokens=item_tokens, tokens=manifest["tokens"] + count)
         _write_manifest(out, manifest)
-        chunks, count = [], 0
-        return out / name
+        file, shard, count = shard.target, None, 0
+        return file
 
     items = iter(documents)
     skipped = sum(1 for _ in itertools.islice(items, index))  # consumed: not tokenized again
@@ -322,28 +343,30 @@ def _fill(
             disable=None if progress else True,
         ) as bar,
     ):
-        for ids, starts in _encoded(items, pool, workers):
-            if in_val and starts and count >= val_tokens:  # the last document is in it whole
-                flush(index, 0)
-                in_val = False
-            offset, skip = skip, 0  # a resumed item's first ids are in the shards already
-            while not in_val and count + len(ids) - offset >= shard_tokens:
-                take = shard_tokens - count
-                chunks.append(ids[offset : offset + take])
-                count, offset = shard_tokens, offset + take
-                bar.update(take)
-                flush(*((index, offset) if offset < len(ids) else (index + 1, 0)))
-            chunks.append(ids[offset:])
-            count += len(ids) - offset
-            bar.update(len(ids) - offset)
-            index += 1
-        if count:
-            total, file = count, flush(index, 0)
-            if in_val:
-                print(
-                    f"all {total:,} tokens went to the validation shard {file}: lower "
-                    "--val-tokens or --shard-tokens to have training shards",
-                    file=sys.stderr,
-                )
+        try:
+            for ids, starts in _encoded(items, pool, workers):
+                if in_val and starts and count >= val_tokens:  # the last document is in it whole
+                    flush(index, 0)
+                    in_val = False
+                offset, skip = skip, 0  # a resumed item's first ids are in the shards already
+                while not in_val and count + len(ids) - offset >= shard_tokens:
+                    take = shard_tokens - count
+                    append(ids[offset : offset + take])
+                    offset += take
+                    flush(*((index, offset) if offset < len(ids) else (index + 1, 0)))
+                append(ids[offset:])
+                index += 1
+            if count:
+                total, file = count, flush(index, 0)
+                if in_val:
+                    print(
+                        f"all {total:,} tokens went to the validation shard {file}: lower "
+                        "--val-tokens or --shard-tokens to have training shards",
+                        file=sys.stderr,
+                    )
+        except BaseException:
+            if shard is not None:  # nothing half-written is left: the manifest says where to go on
+                shard.discard()
+            raise
     manifest["done"] = True
     _write_manifest(out, manifest)

@@ -346,3 +346,24 @@ def test_the_input_is_read_a_bounded_way_ahead_of_the_shards(small_batches):
         first = list(itertools.islice(shards._encoded(endless(), pool, workers=2), 5))
     assert read == 2 * 8  # two batches of 8 items (80 characters): the one read from, the next
     assert [i for ids, _ in first for i in ids] == expected(list(itertools.islice(endless(), 5)))
+
+
+def test_the_shard_being_filled_is_on_disk_not_in_memory(tmp_path, small_batches):
+    # One shard for the whole corpus: while it fills, its temporary file already holds the ids
+    # written so far (a prefix of the stream, after a header that is rewritten at the end), all
+    # but the file's buffer: 20 copies of the corpus (25 KB of ids) overflow its 8 KiB.
+    items, out, seen = corpus() * 20, tmp_path / "out", []
+
+    def watched():
+        for number, item in enumerate(items):
+            if number == len(items) - 1:
+                seen.extend(out.glob(".tmp-*"))
+                data = seen[0].read_bytes()
+                seen.append(np.frombuffer(data[shards.HEADER_BYTES :], dtype="<u2"))
+            yield item
+
+    files = prepare(watched(), out, shard_tokens=10**6, val_tokens=0)
+    temp, written = seen
+    whole = expected(items)
+    assert 0 < len(written) < len(whole) and written.tolist() == whole[: len(written)]
+    assert stream(files) == whole and not temp.exists()
