@@ -152,6 +152,9 @@ def unknown_key(name: str, key: str, text: str, overrides: list[str], can_add: b
             node = OmegaConf.select(cfg, parent, default=KeyError) if parent else cfg
     except Exception:
         return f"{text}: the config has no key {key!r}{hint}"
+    group = key.split(".", 1)[0]
+    if not parent and "." in key and (CONF / group).is_dir():  # eval.path=x without eval=...
+        return f"{text}: no {group} is chosen: add {group}=<one of {_options(CONF / group)}>"
     if not isinstance(node, DictConfig):
         return f"{text}: {parent} is {node!r}, which has no keys"
     keys = ", ".join(str(k) for k in node if k not in HYDRA) or "no keys"
@@ -218,6 +221,11 @@ def check_output_folder(cfg: DictConfig, key: str) -> None:
         raise ValueError(f"{key}={folder}: this user cannot write in {existing}")
 
 
+def _options(group: Path) -> str:
+    """The options of a config group folder, in natural order."""
+    return ", ".join(sorted((f.stem for f in group.glob("*.yaml")), key=_natural_order))
+
+
 def check_config_choices(args: list[str]) -> None:
     """An option of a config group that conf/ lacks (model=125M, -m model=tiny,7B), with the valid
     ones; Hydra's own message for it is a dozen lines. Config folders added with
@@ -237,7 +245,7 @@ def check_config_choices(args: list[str]) -> None:
             value = override.value()  # one option, or a list of them (logger=[tensorboard,csv])
             values = value if isinstance(value, list) else [value]
         name = override.key_or_group
-        options = ", ".join(sorted((f.stem for f in group.glob("*.yaml")), key=_natural_order))
+        options = _options(group)
         for value in values:
             if isinstance(value, str) and "${" in value:
                 continue  # model=${oc.env:SIZE}: Hydra resolves it

@@ -77,6 +77,35 @@ def run_train(tmp_path, token_cache):
     return run
 
 
+def resume_against_straight(run, tmp_path: Path, common: list[str], stop: int, steps: int) -> dict:
+    """Train `steps` steps straight, and `stop` steps then resumed from last.ckpt to `steps`; assert
+    the two end with equal weights and log equal train losses on the resumed steps. The straight
+    and resumed runs' final checkpoints and scalars, for further checks."""
+    straight = run(*common, f"trainer.max_steps={steps}", run_dir=tmp_path / "straight")
+    first = run(*common, f"trainer.max_steps={stop}", run_dir=tmp_path / "first")
+    assert straight.returncode == 0 and first.returncode == 0, straight.stderr + first.stderr
+    resumed = run(
+        *common,
+        f"trainer.max_steps={steps}",
+        f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+        run_dir=tmp_path / "resumed",
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    runs = {}
+    for name in ("straight", "resumed"):
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        runs[name] = {"ckpt": ckpt, "scalars": scalars(tmp_path / name)}
+    a, b = runs["straight"]["ckpt"], runs["resumed"]["ckpt"]
+    assert a["global_step"] == b["global_step"] == steps
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    straight_losses = runs["straight"]["scalars"]["train/loss"]
+    resumed_losses = runs["resumed"]["scalars"]["train/loss"]
+    assert sorted(resumed_losses) == list(range(stop, steps))  # 0-based: steps stop+1 to steps
+    assert {s: straight_losses[s] for s in resumed_losses} == resumed_losses
+    return runs
+
+
 TEXT = "\n".join(
     f"Line {i}: the quick brown fox jumps over the lazy dog, and the dog sleeps on."
     for i in range(30)

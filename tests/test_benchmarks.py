@@ -104,8 +104,8 @@ def test_generate_throughput_prints_every_variant_with_the_same_ids(tmp_path) ->
     assert 0.49 < ceilings["small, fp16 steps"] / ceilings["small"] < 0.51
 
 
-def test_data_throughput_prints_every_phase() -> None:
-    lines = run_quick("data_throughput.py")
+def test_data_throughput_prints_every_phase(tmp_path) -> None:
+    lines = run_quick("data_throughput.py", "--chart", str(tmp_path / "data.png"))
     rows = {row["phase"]: row for row in table(lines)}
     tokenizers = ("tiktoken encode_ordinary_batch", "tokenize_to_cache, cold cache")
     assert set(rows) == {*tokenizers, "warm start"}
@@ -116,6 +116,8 @@ def test_data_throughput_prints_every_phase() -> None:
     assert all(number(rows[name]["MB/s"]) > 0 for name in tokenizers)
     label = "token counts agree (cache = tiktoken + one <|endoftext|> per file)"
     assert line_value(lines, label) == "True"
+    width, height = png_size(Path(line_value(lines, "chart saved")))
+    assert 500 < width < 1000 and 50 < height < 300
 
 
 def test_hellaswag_throughput_prints_every_variant_with_the_harness_numbers(tmp_path) -> None:

@@ -90,6 +90,11 @@ def refusal(args: list[str]) -> str | None:
         (["seed.x=1"], "seed.x=1: seed is 1337, which has no keys"),
         (["model.nope=1", "trainer.nope=2"], "model.nope=1: the config has no key 'model.nope'"),
         (["optimizer.betas.5=1"], "Error merging override optimizer.betas.5=1 (list index out"),
+        (
+            ["eval.path=x.jsonl"],
+            "eval.path=x.jsonl: no eval is chosen: add eval=<one of hellaswag, multiple_choice, "
+            "perplexity>",
+        ),
     ],
 )
 def test_command_line_is_checked_before_hydra_starts(args, message):

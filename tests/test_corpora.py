@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_module, scalars, write
+from conftest import resume_against_straight, run_module, write
 
 from gpt2_lightning import records, tokens
 from gpt2_lightning.data import SlidingWindowDataset, TextDataModule
@@ -394,24 +394,6 @@ def test_exact_resume_across_shard_boundaries(run_train, tmp_path):
         "scheduler.total_steps=16",
         "scheduler.warmup_steps=2",
     ]
-    straight = run_train(*common, "trainer.max_steps=16", run_dir=tmp_path / "straight")
-    first = run_train(*common, "trainer.max_steps=8", run_dir=tmp_path / "first")
-    assert straight.returncode == 0 and first.returncode == 0, straight.stderr + first.stderr
-    resumed = run_train(
-        *common,
-        "trainer.max_steps=16",
-        f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
-        run_dir=tmp_path / "resumed",
-    )
-    assert resumed.returncode == 0, resumed.stderr
-
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 16
-    assert a["epoch"] == b["epoch"] == 1  # the resume point (step 8) is mid-epoch 0
-    for name, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][name]), name
-    straight_losses = scalars(tmp_path / "straight")["train/loss"]
-    resumed_losses = scalars(tmp_path / "resumed")["train/loss"]
-    assert sorted(resumed_losses) == list(range(8, 16))  # 0-based: steps 9 to 16
-    assert {s: straight_losses[s] for s in resumed_losses} == resumed_losses
+    runs = resume_against_straight(run_train, tmp_path, common, stop=8, steps=16)
+    # the resume point (step 8) is mid-epoch 0
+    assert runs["straight"]["ckpt"]["epoch"] == runs["resumed"]["ckpt"]["epoch"] == 1

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, dead_pid, run_module, scalars, temp_file, text_samples
+from conftest import (
+    ROOT,
+    TINY_RUN,
+    dead_pid,
+    resume_against_straight,
+    run_module,
+    scalars,
+    temp_file,
+    text_samples,
+)
 
 from gpt2_lightning.model import GPT
 from gpt2_lightning.module import WarmupCosine
@@ -96,31 +105,11 @@ def test_exact_resume_matches_an_uninterrupted_run(run_train, tmp_path, small_co
         "scheduler.total_steps=16",
         "scheduler.warmup_steps=2",
     ]
-    straight = run_train(*common, "trainer.max_steps=16", run_dir=tmp_path / "straight")
-    first = run_train(*common, "trainer.max_steps=7", run_dir=tmp_path / "first")
-    assert straight.returncode == 0 and first.returncode == 0, straight.stderr + first.stderr
-    resumed = run_train(
-        *common,
-        "trainer.max_steps=16",
-        f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
-        run_dir=tmp_path / "resumed",
-    )
-    assert resumed.returncode == 0, resumed.stderr
-
+    runs = resume_against_straight(run_train, tmp_path, common, stop=7, steps=16)
     # An epoch is 6 batches: the resume point (step 7) is mid-epoch 1, steps 13-16 are epoch 2.
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 16
-    assert a["epoch"] == b["epoch"] == 2
-    for name, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][name]), name
-
-    straight_losses = scalars(tmp_path / "straight")["train/loss"]
-    resumed_losses = scalars(tmp_path / "resumed")["train/loss"]
-    assert sorted(resumed_losses) == list(range(7, 16))  # 0-based: steps 8 to 16
-    assert {s: straight_losses[s] for s in resumed_losses} == resumed_losses
-    straight_val = scalars(tmp_path / "straight")["val/loss"]
-    resumed_val = scalars(tmp_path / "resumed")["val/loss"]
+    assert runs["straight"]["ckpt"]["epoch"] == runs["resumed"]["ckpt"]["epoch"] == 2
+    straight_val = runs["straight"]["scalars"]["val/loss"]
+    resumed_val = runs["resumed"]["scalars"]["val/loss"]
     # after batches 9, 12, 15 and 16 (Lightning plots a validation after step n at n - 1)
     assert sorted(resumed_val) == [8, 11, 14, 15]
     assert {s: straight_val[s] for s in resumed_val} == resumed_val
