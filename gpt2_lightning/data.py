@@ -172,13 +172,13 @@ class TextDataModule(L.LightningDataModule):
         if sum(len(ids) for ids in arrays) == 0:
             raise ValueError(f"data.path={name!r} holds no text: the corpus is empty")
         window = self.context_length + 1
+        # Shards named as llm.c and build-nanogpt name their validation ones never train.
+        held = [is_val_shard(file) for file in files]
+        kept = [ids for ids, is_val in zip(arrays, held, strict=True) if not is_val]
         if "val_path" in self.arrays:  # a fixed validation set
-            train, val = arrays, [ids for _, ids in self.arrays["val_path"]]
-        elif any(
-            is_val_shard(file) for file in files
-        ):  # shards named as llm.c and build-nanogpt do
-            train = [ids for file, ids in zip(files, arrays, strict=True) if not is_val_shard(file)]
-            val = [ids for file, ids in zip(files, arrays, strict=True) if is_val_shard(file)]
+            train, val = kept, [ids for _, ids in self.arrays["val_path"]]
+        elif any(held):
+            train, val = kept, [ids for ids, is_val in zip(arrays, held, strict=True) if is_val]
         elif self.val_fraction:
             try:
                 train, val = split_tail(arrays, self.val_fraction, window)

@@ -326,6 +326,19 @@ def test_a_folder_with_a_val_shard_validates_on_it(tmp_path):
     assert sum([val.tolist(), *arrays_read(dm.train_set)], []) == doc_ids(DOCS)
 
 
+def test_with_val_path_a_folder_s_val_shard_is_not_trained_on(tmp_path):
+    out = write_form("bin", tmp_path, shard_tokens=150, val_tokens=100)
+    val = write_form("jsonl", tmp_path / "val", VAL_DOCS)
+    dm = TextDataModule(
+        path=str(out), val_path=str(val), context_length=8, cache_dir=str(tmp_path / "cache")
+    )
+    dm.setup("fit")
+    train_files = [out / f"shard_train_{k:06d}.bin" for k in range(1, 4)]
+    assert arrays_read(dm.train_set) == [read_shard(file).tolist() for file in train_files]
+    reference = SlidingWindowDataset(np.array(doc_ids(VAL_DOCS), dtype=np.uint16), 8, 8)
+    assert same_windows(dm.val_set, reference)
+
+
 # --- hf:// ---------------------------------------------------------------------------------------
 
 
