@@ -216,6 +216,7 @@ def spawn_sampled(phase: str, *args: str) -> dict[str, float]:
     result = json.loads(stdout.strip().splitlines()[-1])
     workers = [kib for pid, kib in peaks.items() if pid != process.pid]
     result["workers_peak_rss_mib"] = sum(workers) / 1024
+    # 0: the pool lived between two polls (--quick's small corpora), so its PSS was never read
     result["peak_pss_mib"] = peak_pss / 1024
     return result
 
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{run['peak_rss_mib']:,.0f}",
             f"{run['largest_worker_mib']:,.0f}",
             f"{run['workers_peak_rss_mib']:,.0f}",
-            f"{run['peak_pss_mib']:,.0f}",
+            f"{run['peak_pss_mib']:,.0f}" if run["peak_pss_mib"] else "-",
         ]
         for size_mb, run in ((corpus_mb, small), (large_mb, large_run))
     ]

@@ -184,7 +184,9 @@ def test_prepare_throughput_prints_both_phases_both_sizes_and_the_warm_start(tmp
     memory = table(lines[start:])
     assert [row["jsonl"] for row in memory] == ["2 MB", "4 MB"]
     for row in memory:
-        assert number(row["process peak RSS (MiB)"]) > 0 and number(row["peak PSS, all (MiB)"]) > 0
+        assert number(row["process peak RSS (MiB)"]) > 0
+        # "-": a pool that lived between two reads of /proc (the quick corpora take ~0.3 s)
+        assert row["peak PSS, all (MiB)"] == "-" or number(row["peak PSS, all (MiB)"]) > 0
     assert number(memory[1]["tokens"]) > number(memory[0]["tokens"])
     warm = line_value(lines, "warm start")
     assert "8 MiB of shards" in warm and "one *val*" in warm, warm
