@@ -77,10 +77,16 @@ def run_train(tmp_path, token_cache):
     return run
 
 
-def resume_against_straight(run, tmp_path: Path, common: list[str], stop: int, steps: int) -> dict:
-    """Train `steps` steps straight, and `stop` steps then resumed from last.ckpt to `steps`; assert
-    the two end with equal weights and log equal train losses on the resumed steps. The straight
-    and resumed runs' final checkpoints and scalars, for further checks."""
+def resume_against_straight(run, tmp_path: Path, given: list[str], stop: int, steps: int) -> dict:
+    """Train `steps` steps straight, and `stop` steps then resumed from last.ckpt to `steps`, both
+    with the overrides given; assert the two end with equal weights and log equal train losses on
+    the resumed steps. The straight and resumed runs' final checkpoints and scalars."""
+    common = [
+        *given,
+        "model.dropout=0.1",  # dropout and shuffling both draw from the RNGs being restored
+        f"scheduler.total_steps={steps}",  # the first run's lr follows the straight run's curve
+        "scheduler.warmup_steps=2",
+    ]
     straight = run(*common, f"trainer.max_steps={steps}", run_dir=tmp_path / "straight")
     first = run(*common, f"trainer.max_steps={stop}", run_dir=tmp_path / "first")
     assert straight.returncode == 0 and first.returncode == 0, straight.stderr + first.stderr
