@@ -6,6 +6,7 @@ import warnings
 
 import lightning as L
 import pytest
+import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from gpt2_lightning.data import TextDataModule
@@ -123,3 +124,33 @@ def test_a_warmup_as_long_as_the_run_is_warned_about():
 def test_constant_schedule_warms_up_then_holds_the_peak():
     lrs = learning_rates(dict(name="constant", warmup_steps=2), 5)
     assert lrs == pytest.approx([0.5e-3, 1e-3, 1e-3, 1e-3, 1e-3])
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_adamw_is_fused_and_its_gradients_clipped_in_full_and_bf16_precision(precision):
+    """bf16-mixed has no loss scaler, so the fused optimizer and Lightning's clipping by norm work
+    together there as in fp32 (Lightning's mixed-precision plugin would refuse them)."""
+    norms = []
+
+    class ClippedNorm(L.Callback):  # after the step the gradients are still the clipped ones
+        def on_train_batch_end(self, trainer, module, *args):
+            grads = [p.grad.norm() for p in module.parameters() if p.grad is not None]
+            norms.append(torch.stack(grads).norm().item())
+
+    L.seed_everything(0)
+    module = GPTLightningModule(model=TINY_MODEL, optimizer=ADAMW, scheduler=COSINE)
+    ids = torch.randint(0, 64, (4, 9))
+    trainer = L.Trainer(
+        max_steps=2,
+        precision=precision,
+        gradient_clip_val=1e-3,  # far below a fresh model's gradient norm (~1)
+        callbacks=[ClippedNorm()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(ids[:, :-1], ids[:, 1:])))
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert norms == pytest.approx([1e-3, 1e-3], rel=1e-3)
