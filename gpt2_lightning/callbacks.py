@@ -6,12 +6,14 @@ the run summary."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import random
 import re
 import signal
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -510,6 +512,26 @@ class LossCurve(L.Callback):
         figure.tight_layout()
         figure.savefig(path)
         plt.close(figure)
+
+
+# What torchdata and Lightning print that a user cannot act on: deprecations inside their code,
+# the model summary's note that it sizes bf16 weights as fp32, and an advert for a cloud logger.
+NOTICES = (
+    r"'set_vital' is deprecated",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Precision bf16-mixed is not supported by the model summary",
+)
+
+
+def _no_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def quiet_notices() -> None:
+    """Leave NOTICES and Lightning's litlogger tip out of a run's output and train.log."""
+    for message in NOTICES:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advert)
 
 
 def keep_freed_memory() -> None:

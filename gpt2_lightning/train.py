@@ -1,9 +1,8 @@
 """`python -m gpt2_lightning.train [key=value ...]`: compose the config, train, sample.
 
-The shape of lightning-hydra-template's train.py: compose -> instantiate the data, the module,
-callbacks, loggers and the Trainer from conf/ -> validate -> fit -> summary -> the final value of
-optimized_metric (val/loss), which sweeps optimize. Every knob lives in conf/ (`--cfg job`).
-"""
+lightning-hydra-template's shape: compose -> instantiate the data, the module, callbacks, loggers
+and the Trainer from conf/ -> validate -> fit -> summary -> the optimized_metric (val/loss) sweeps
+optimize. Every knob lives in conf/ (`--cfg job`)."""
 
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from gpt2_lightning.callbacks import (
     StopOnCtrlC,
     logged_metric,
     native_precision,
+    quiet_notices,
     validate_final_step,
 )
 from gpt2_lightning.cli import check_command_line, one_line_errors
@@ -37,8 +37,7 @@ OmegaConf.register_new_resolver("native_precision", native_precision)  # conf/tr
 
 
 def check_run(cfg: DictConfig) -> None:
-    """The keys this file reads itself, and the Trainer's that Lightning lets through unchecked
-    (a ZeroDivisionError deep in its loop, or a comparison of a string with a number)."""
+    """The keys read here, and the Trainer's that Lightning lets through to fail deep in fit."""
     OmegaConf.to_container(cfg, resolve=True)  # names a key that does not resolve; instantiate not
     if not isinstance(cfg.val_before_fit, bool):
         raise ValueError(f"val_before_fit={cfg.val_before_fit!r} is invalid: use true or false")
@@ -76,6 +75,7 @@ def objects(group: DictConfig | None) -> list:
 def train(cfg: DictConfig) -> float:
     """Train as cfg says; return the final value of the metric optimized_metric names."""
     check_run(cfg)
+    quiet_notices()
     resumed_at = read_checkpoint(cfg.ckpt_path, "ckpt_path")["global_step"] if cfg.ckpt_path else 0
     summary = RunSummary(**cfg.sample, seed=cfg.seed, resumed_at=resumed_at)
     L.seed_everything(cfg.seed, workers=True)

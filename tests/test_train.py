@@ -272,10 +272,19 @@ def test_init_from_hf_folder_takes_its_config_and_weights(run_train, tmp_path):
 
 def test_a_run_whose_output_is_not_a_terminal_prints_plain_lines(run_train, tmp_path):
     # subprocess pipes, as a log file, CI, nohup and tee give: no bar is redrawn
-    result = run_train("trainer.enable_progress_bar=true", "callbacks.progress_bar.log_every=2")
+    result = run_train(
+        "trainer.enable_progress_bar=true",
+        "callbacks.progress_bar.log_every=2",
+        "trainer.enable_model_summary=true",
+        "trainer.precision=bf16-mixed",  # the model summary's bf16 note
+    )
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "\x1b[" not in output and "\r" not in output  # no escape codes, no redrawn lines
+    # nor the notices of torchdata and Lightning that a user cannot act on
+    for notice in ("deprecated", "litlogger", "not supported by the model summary"):
+        assert notice not in output
+    assert "Trainable params" in output  # the summary itself stays
     lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     trained = [line.split()[1] for line in lines if "  loss " in line]
     validated = [line.split()[1] for line in lines if "val/loss" in line]
