@@ -29,10 +29,10 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, St
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gpt2_lightning.checks import check_integer
 from gpt2_lightning.evaluate import (
     STYLES,
     TASKS,
-    check_count,
     corpus_tokens,
     load_choice_items,
     load_hellaswag,
@@ -150,10 +150,10 @@ class Evaluation(L.Callback):
     ):
         if task not in TASKS:
             raise ValueError(f"eval.task={task!r} is unknown: use {', '.join(TASKS)}")
-        check_count("eval.limit", limit, none=True)
-        check_count("eval.batch_size", batch_size)
+        check_integer("eval.limit", limit, 1, none=True)
+        check_integer("eval.batch_size", batch_size, 1)
         if stride is not None:
-            check_count("eval.stride", stride)
+            check_integer("eval.stride", stride, 1)
         styles = list(styles)
         if not styles or any(style not in STYLES for style in styles):
             raise ValueError(

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from gpt2_lightning.checks import check_integer, is_number
 from gpt2_lightning.shards import is_val_shard
 from gpt2_lightning.tokens import (
     EMBEDDED,
@@ -68,13 +69,6 @@ def document_start(
     return None
 
 
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        what = "a positive integer" if minimum else "an integer >= 0"
-        raise ValueError(f"data.{name}={value!r} is invalid: must be {what}")
-    return value
-
-
 def split_tail(
     arrays: list[np.ndarray], fraction: float, window: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -126,16 +120,16 @@ class TextDataModule(L.LightningDataModule):
         hf_split: str = "train",
     ):
         super().__init__()
-        if not isinstance(val_fraction, int | float) or not 0.0 <= val_fraction < 1.0:
+        if not is_number(val_fraction) or not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction!r} is invalid: must be in [0, 1)")
         self.val_fraction = val_fraction
-        self.context_length = _integer("context_length", context_length, 1)
-        self.batch_size = _integer("batch_size", batch_size, 1)
+        self.context_length = check_integer("data.context_length", context_length, 1)
+        self.batch_size = check_integer("data.batch_size", batch_size, 1)
         # None: windows that do not overlap
-        self.stride = context_length if stride is None else _integer("stride", stride, 1)
-        self.num_workers = _integer("num_workers", num_workers, 0)
-        self.seed = _integer("seed", seed, 0)  # the shuffle of DistributedSampler (several devices)
-        self.val_windows = None if val_windows is None else _integer("val_windows", val_windows, 1)
+        self.stride = context_length if stride is None else check_integer("data.stride", stride, 1)
+        self.num_workers = check_integer("data.num_workers", num_workers)
+        self.seed = check_integer("data.seed", seed)  # DistributedSampler's shuffle (DDP)
+        self.val_windows = check_integer("data.val_windows", val_windows, 1, none=True)
         if not isinstance(verify, bool):
             raise ValueError(f"data.verify={verify!r} is invalid: use true or false")
         self.verify = verify

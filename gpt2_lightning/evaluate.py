@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from gpt2_lightning.checks import check_integer, is_integer
 from gpt2_lightning.cli import CONF, check_command_line, one_line_errors, torch_device
 from gpt2_lightning.files import atomic_file, cache_home
-from gpt2_lightning.generate import is_integer
 from gpt2_lightning.model import GPT, KVCache
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.tokens import VOCAB_SIZE, corpus_arrays, corpus_source
@@ -575,25 +575,15 @@ def _write_results(out: Path, model: str, results: list[dict[str, Any]]) -> None
         f.write("\n")
 
 
-def check_count(key: str, value: Any, none: bool = False) -> None:
-    """A count the commands take (limit, batch_size, stride): an integer >= 1, or null if none."""
-    if (value is None and none) or (is_integer(value) and value >= 1):
-        return
-    raise ValueError(
-        f"{key}={value!r} is invalid: must be an integer >= 1"
-        + (", or null for all" if none else "")
-    )
-
-
 def _run(cfg: DictConfig) -> None:
     # Cheap arguments, then the data, then the model: a typo fails before the weights load.
     task = cfg.task
     if task not in TASKS:
         raise ValueError(f"task={task!r} is unknown: use {', '.join(TASKS)}")
-    check_count("limit", cfg.limit, none=True)
-    check_count("batch_size", cfg.batch_size)
+    check_integer("limit", cfg.limit, 1, none=True)
+    check_integer("batch_size", cfg.batch_size, 1)
     if cfg.stride is not None:
-        check_count("stride", cfg.stride)
+        check_integer("stride", cfg.stride, 1)
     out = Path(str(cfg.out))
     if not str(cfg.out).strip() or out.is_dir():
         raise ValueError(

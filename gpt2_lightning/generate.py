@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator
 
 import torch
 
 from gpt2_lightning import fast_decode
+from gpt2_lightning.checks import check_integer, is_integer, is_number
 from gpt2_lightning.model import GPT, KVCache
 
 # What generate(dtype=...) may run the one-token steps' weights in.
@@ -25,9 +25,8 @@ def check_sampling(
     top_p: float | None = None,
 ) -> None:
     """Raise ValueError naming the first sampling argument that is out of range."""
-    if not is_integer(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 0")
-    if not is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+    check_integer("max_new_tokens", max_new_tokens)
+    if not is_number(temperature) or temperature < 0:
         raise ValueError(
             f"temperature={temperature!r} is invalid: must be a number >= 0 (0 means greedy)"
         )
@@ -35,16 +34,6 @@ def check_sampling(
         raise ValueError(f"top_k={top_k!r} is invalid: must be an integer >= 1, or None")
     if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} is invalid: must be in (0, 1], or None")
-
-
-def is_number(value: object) -> bool:
-    """Whether value is a real number (numpy's too), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def is_integer(value: object) -> bool:
-    """Whether value is an integer (numpy's too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_prompt(

@@ -12,8 +12,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from gpt2_lightning.checks import is_integer
 from gpt2_lightning.cli import CONF, check_command_line, one_line_errors, torch_device
-from gpt2_lightning.generate import check_sampling, is_integer, stream
+from gpt2_lightning.generate import check_sampling, stream
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.weights import load_weights
 

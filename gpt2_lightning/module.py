@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, grad_norm, rank_zero_warn
 from torchmetrics import MeanMetric
 
+from gpt2_lightning.checks import is_integer, is_number
 from gpt2_lightning.model import GPT, GPTConfig
 from gpt2_lightning.tokenizer import get_tokenizer
 from gpt2_lightning.weights import load_weights
@@ -38,14 +39,6 @@ class WarmupCosine:
 SCHEDULES = ("cosine", "constant")
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
     """Raise ValueError naming the first optimizer or scheduler setting that is invalid."""
     for group, settings, keys in (
@@ -58,24 +51,24 @@ def check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> 
                 f"{group} has no {', '.join(missing)}: give {', '.join(keys)} (as in conf/{group}/)"
             )
     lr, decay, betas, eps = (optimizer[k] for k in ("lr", "weight_decay", "betas", "eps"))
-    if not _number(lr) or lr < 0:
+    if not is_number(lr) or lr < 0:
         raise ValueError(f"optimizer.lr={lr!r} is invalid: must be a number >= 0")
-    if not _number(decay) or decay < 0:
+    if not is_number(decay) or decay < 0:
         raise ValueError(f"optimizer.weight_decay={decay!r} is invalid: must be a number >= 0")
     if not (
         isinstance(betas, list | tuple)
         and len(betas) == 2
-        and all(_number(b) and 0 <= b < 1 for b in betas)
+        and all(is_number(b) and 0 <= b < 1 for b in betas)
     ):
         raise ValueError(
             f"optimizer.betas={betas!r} is invalid: must be two numbers in [0, 1), e.g. [0.9,0.95]"
         )
-    if not _number(eps) or eps <= 0:
+    if not is_number(eps) or eps <= 0:
         raise ValueError(f"optimizer.eps={eps!r} is invalid: must be a number > 0")
     name, warmup = scheduler["name"], scheduler["warmup_steps"]
     if name not in SCHEDULES:
         raise ValueError(f"scheduler.name={name!r} is unknown: valid are {', '.join(SCHEDULES)}")
-    if not _count(warmup):
+    if not is_integer(warmup) or warmup < 0:
         raise ValueError(f"scheduler.warmup_steps={warmup!r} is invalid: must be an integer >= 0")
     if name == "cosine":
         if "min_lr" in scheduler:  # the name of the floor before 2026-11-25 (README changelog)
@@ -84,12 +77,12 @@ def check_optimization(optimizer: dict[str, Any], scheduler: dict[str, Any]) -> 
                 "scheduler.min_lr_ratio, a fraction of optimizer.lr (e.g. 0.1)"
             )
         total, ratio = scheduler.get("total_steps"), scheduler.get("min_lr_ratio", 0.1)
-        if not _count(total) or total < 1:
+        if not is_integer(total) or total < 1:
             raise ValueError(
                 f"scheduler.total_steps={total!r} is invalid: the cosine schedule needs a "
                 "positive horizon (set trainer.max_steps or scheduler.total_steps)"
             )
-        if not _number(ratio) or not 0 <= ratio <= 1:
+        if not is_number(ratio) or not 0 <= ratio <= 1:
             raise ValueError(f"scheduler.min_lr_ratio={ratio!r} is invalid: must be in [0, 1]")
         if warmup >= total:
             rank_zero_warn(

@@ -30,6 +30,7 @@ from gpt2_lightning.callbacks import (
     quiet_notices,
     validate_final_step,
 )
+from gpt2_lightning.checks import check_integer, is_integer, is_number
 from gpt2_lightning.cli import check_command_line, one_line_errors
 from gpt2_lightning.weights import read_checkpoint
 
@@ -41,14 +42,12 @@ def check_run(cfg: DictConfig) -> None:
     OmegaConf.to_container(cfg, resolve=True)  # names a key that does not resolve; instantiate not
     if not isinstance(cfg.val_before_fit, bool):
         raise ValueError(f"val_before_fit={cfg.val_before_fit!r} is invalid: use true or false")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+    if not is_integer(cfg.seed) or not 0 <= cfg.seed < 2**32:
         raise ValueError(f"seed={cfg.seed!r} is invalid: must be an integer in [0, 2**32)")
     for key, low in (("max_steps", -1), ("accumulate_grad_batches", 1)):
-        value = cfg.trainer.get(key, low)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"trainer.{key}={value!r} is invalid: must be an integer >= {low}")
+        check_integer(f"trainer.{key}", cfg.trainer.get(key, low), low)
     interval = cfg.trainer.get("val_check_interval")
-    if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
+    if is_number(interval) and interval <= 0:
         raise ValueError(
             f"trainer.val_check_interval={interval!r} is invalid: must be a number of batches "
             ">= 1, a fraction of an epoch in (0, 1], a duration or null"

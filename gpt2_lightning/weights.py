@@ -26,6 +26,7 @@ from huggingface_hub import hf_hub_download
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt2_lightning.checks import is_number
 from gpt2_lightning.files import umask_mode
 from gpt2_lightning.model import ALIASES, GPT, GPTConfig
 from gpt2_lightning.tokenizer import HF_SHADOWING_FILE, HF_TOKENIZER_FILES, write_hf_tokenizer
@@ -160,14 +161,14 @@ def read_weights(weights: Path) -> dict[str, torch.Tensor]:
 def config_from_hf(hf: dict) -> GPTConfig:
     """Our GPTConfig for a transformers GPT2Config dict; refuses what GPT-2 as we build it lacks."""
     eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
-    number = isinstance(eps, int | float) and not isinstance(eps, bool)
+    eps_ok = is_number(eps) and math.isclose(eps, LAYER_NORM_EPS)
     checks = {
         "model_type": (hf.get("model_type", "gpt2") == "gpt2", "gpt2"),
         "activation_function": (
             hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
             "gelu_new (GELU, tanh form)",
         ),
-        "layer_norm_epsilon": (number and math.isclose(eps, LAYER_NORM_EPS), LAYER_NORM_EPS),
+        "layer_norm_epsilon": (eps_ok, LAYER_NORM_EPS),
         "n_inner": (hf.get("n_inner") in (None, 4 * hf.get("n_embd", 0)), "null or 4 * n_embd"),
         "scale_attn_weights": (hf.get("scale_attn_weights", True), True),
         "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx"), False),

@@ -580,7 +580,7 @@ def test_the_callback_reads_its_file_at_once_and_names_its_keys(tmp_path):
     )
     with pytest.raises(ValueError, match=r"^eval.styles=\['harnes'\] is invalid"):
         Evaluation("multiple_choice", path=str(missing), styles=["harnes"])
-    with pytest.raises(ValueError, match=r"^eval.limit=0 is invalid: must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"^eval.limit=0 is invalid: must be a positive integer"):
         Evaluation("hellaswag", limit=0)
     path = write_jsonl(tmp_path / "choices.jsonl", CHOICES)
     assert Evaluation("multiple_choice", path=str(path), limit=2).count == 2
