@@ -292,9 +292,10 @@ def test_a_run_whose_output_is_not_a_terminal_prints_plain_lines(run_train, tmp_
     assert validated == ["0/6", "3/6", "6/6"]  # before training, then every 3 steps
 
 
-# The default run's val loss in the README (Intel Xeon with AMX, bf16-mixed, Python 3.11.7);
-# fp32 on the same machine gave 6.052. Issue #18's goal, 5.0, is not reached yet.
-DOCUMENTED_VAL_LOSS = 6.058
+# The default run's val loss in the README (AMD EPYC Zen 4, bf16-mixed, Python 3.11.7, seed 1337;
+# seed 1 gave 5.900). Seeds, CPUs and precisions moved it by up to ~0.1 (docs/training.md), hence
+# the margin below. Issue #18's goal, 5.0, is not reached.
+DOCUMENTED_VAL_LOSS = 5.921
 
 
 def in_a_terminal(command: list[str], cwd: Path) -> str:
@@ -355,4 +356,4 @@ def test_the_default_run_reaches_its_documented_loss(tmp_path, token_cache):
     summary = re.search(r"val loss: +([0-9.]+) -> ([0-9.]+)", result.stdout)
     assert summary is not None, result.stdout
     assert float(summary[1]) == pytest.approx(10.82, abs=0.02)  # ln(50257) = 10.82: untrained
-    assert float(summary[2]) <= DOCUMENTED_VAL_LOSS + 0.05  # bf16 or fp32, whichever the CPU has
+    assert float(summary[2]) <= DOCUMENTED_VAL_LOSS + 0.15  # any seed-, CPU- or precision-drift
