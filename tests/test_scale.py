@@ -62,6 +62,8 @@ def test_two_ddp_ranks_train_like_one_process_with_twice_the_batch(
         "model.dropout=0.0",
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
+        "eval=perplexity",  # each rank scores its share of the windows; the counts are summed
+        f"eval.path={one_batch_corpus}",
     ]
     ddp = run_train(
         *common,
@@ -96,6 +98,10 @@ def test_two_ddp_ranks_train_like_one_process_with_twice_the_batch(
     assert sorted(ddp_val) == sorted(single_val) == [0, 2]
     for step, loss in single_val.items():
         assert ddp_val[step] == pytest.approx(loss, abs=1e-5)
+    ddp_eval, single_eval = (scalars(tmp_path / run)["eval/loss"] for run in ("ddp", "single"))
+    assert sorted(ddp_eval) == sorted(single_eval) == [0, 2]
+    for step, loss in single_eval.items():
+        assert ddp_eval[step] == pytest.approx(loss, abs=1e-5)
 
 
 @pytest.mark.slow
