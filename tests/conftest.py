@@ -3,10 +3,14 @@ corpora and checkpoints, read a run's TensorBoard logs."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import socket
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,6 +67,27 @@ def run_module(
         text=True,
         timeout=600,
     )
+
+
+def in_a_terminal(command: list[str], cwd: Path) -> str:
+    """What a command prints in a terminal (a pseudo-terminal 120 columns wide), as text."""
+    main, other = pty.openpty()
+    fcntl.ioctl(other, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, stdout=other, stderr=other, cwd=cwd, env=env)
+    os.close(other)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 1 << 16)
+        except OSError:  # the command ended: the terminal's other side is closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert process.wait() == 0, output.decode(errors="replace")[-2000:]
+    return output.decode(errors="replace")
 
 
 @pytest.fixture

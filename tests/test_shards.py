@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dead_pid, temp_file
+from conftest import dead_pid, in_a_terminal, run_module, temp_file
 
 from gpt2_lightning import shards
 from gpt2_lightning.shards import (
@@ -367,3 +369,17 @@ def test_the_shard_being_filled_is_on_disk_not_in_memory(tmp_path, small_batches
     whole = expected(items)
     assert 0 < len(written) < len(whole) and written.tolist() == whole[: len(written)]
     assert stream(files) == whole and not temp.exists()
+
+
+def test_prepare_shows_its_count_in_a_terminal_and_no_bar_in_a_log(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The shards are written as the ids arrive.\n" * 20)
+    args = ["prepare", str(corpus), "--val-tokens", "0", "--workers", "1", "--out"]
+    command = [sys.executable, "-m", "gpt2_lightning.data", *args]
+    shown = in_a_terminal([*command, str(tmp_path / "tty")], tmp_path)
+    (shard,) = sorted((tmp_path / "tty").glob("*.bin"))
+    total = len(read_shard(shard))  # under 1,000: tqdm writes the count whole
+    assert re.search(rf"tokenizing: {total}tok \[", shown), shown
+    logged = run_module("gpt2_lightning.data", *args, str(tmp_path / "log"), cwd=tmp_path)
+    assert logged.returncode == 0, logged.stderr
+    assert "tokenizing" not in logged.stderr and "\r" not in logged.stderr

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import csv
-import fcntl
 import math
 import os
-import pty
 import re
-import struct
-import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
-    ROOT,
     TINY_RUN,
     dead_pid,
+    in_a_terminal,
     resume_against_straight,
     run_module,
     scalars,
@@ -296,27 +291,6 @@ def test_a_run_whose_output_is_not_a_terminal_prints_plain_lines(run_train, tmp_
 # seed 1 gave 5.900). Seeds, CPUs and precisions moved it by up to ~0.1 (docs/training.md), hence
 # the margin below. Issue #18's goal, 5.0, is not reached.
 DOCUMENTED_VAL_LOSS = 5.921
-
-
-def in_a_terminal(command: list[str], cwd: Path) -> str:
-    """What a command prints in a terminal (a pseudo-terminal 120 columns wide), as text."""
-    main, other = pty.openpty()
-    fcntl.ioctl(other, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, stdout=other, stderr=other, cwd=cwd, env=env)
-    os.close(other)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(main, 1 << 16)
-        except OSError:  # the command ended: the terminal's other side is closed
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(main)
-    assert process.wait() == 0, output.decode(errors="replace")[-2000:]
-    return output.decode(errors="replace")
 
 
 def test_in_a_terminal_one_bar_counts_the_steps_and_validation_stacks_none(tmp_path, token_cache):
