@@ -270,15 +270,19 @@ def _parquet_texts(file: Path, field: str) -> Iterator[str]:
 
 
 def hub_documents(
-    repo: str, name: str | None = None, split: str = "train", text_field: str = "text"
+    repo: str,
+    name: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    revision: str | None = None,
 ) -> Iterator[str]:
     """The text field of each example of a Hugging Face dataset (a hub id or a local folder),
-    streamed."""
+    streamed; revision: a commit, tag or branch (None: the default branch)."""
     _check_field(text_field)
     import datasets
 
     try:
-        examples = datasets.load_dataset(repo, name, split=split, streaming=True)
+        examples = datasets.load_dataset(repo, name, split=split, streaming=True, revision=revision)
     except OSError as error:  # ConnectionError, DatasetNotFoundError, HTTP errors
         raise _unreachable(repo, error) from None
     except ValueError as error:  # an unknown split or config; datasets lists the valid ones

@@ -236,10 +236,18 @@ def resolve_source(
         return Source(EMBEDDED, "embedded", tuple(files), lambda: _whole(embedded_documents()))
     text = str(path)
     if text.startswith("hf://"):
-        repo = text.removeprefix("hf://")
+        # hf://<repo>@<revision> pins a commit, tag or branch, and keys the cache by it; without
+        # one, the default branch as first read is what the cache keeps
+        repo, revision = text.removeprefix("hf://"), None
+        if "@" in repo and not Path(repo).exists():  # not a local folder with @ in its name
+            repo, revision = repo.split("@", 1)
         kind = f"hub:{repo}:{hf_name}:{hf_split}:{text_field}"
+        kind += f"@{revision}" if revision else ""
         return Source(
-            text, kind, (), lambda: _whole(hub_documents(repo, hf_name, hf_split, text_field))
+            text,
+            kind,
+            (),
+            lambda: _whole(hub_documents(repo, hf_name, hf_split, text_field, revision or None)),
         )
     if Path(text).is_dir() and is_saved_dataset(Path(text)):
         folder, kind = Path(text), f"saved:{hf_split}:{text_field}"
@@ -281,7 +289,7 @@ def encode_documents(documents: list[str], pool: ThreadPoolExecutor) -> Iterator
 
 def cache_key(source: Source) -> str:
     """A hash of the tokenizer, how the source is read, and its content: every file's bytes in
-    order (the embedded corpus: its documents; a hub dataset: its name, config and split)."""
+    order (the embedded corpus: its documents; a hub dataset: its name, config, split, revision)."""
     digest = hashlib.sha256(f"{_KEY}{source.kind}\0".encode())
     if source.kind == EMBEDDED:  # made by this code from the files: a change of either counts
         for doc in embedded_documents():

@@ -368,6 +368,27 @@ def test_hf_with_a_local_folder_gives_the_jsonl_ids_and_is_read_once(tmp_path, m
     assert same_windows(again.train_set, dm.train_set)
 
 
+def test_an_hf_revision_goes_to_datasets_and_keys_the_cache(tmp_path, monkeypatch):
+    asked = []
+
+    def load_dataset(repo, name, split, streaming, revision):
+        asked.append((repo, revision))
+        return [{"text": f"the text of revision {revision}"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cache = str(tmp_path / "cache")
+    ids = {
+        at: concatenated(corpus_arrays(corpus_source(f"hf://me/corpus{at}"), cache))
+        for at in ("", "@v1", "@v2", "@v1")  # the second v1 from the cache
+    }
+    assert asked == [("me/corpus", None), ("me/corpus", "v1"), ("me/corpus", "v2")]
+    assert ids["@v1"] == doc_ids(["the text of revision v1"]) and ids["@v1"] != ids["@v2"]
+    folder = tmp_path / "data@2"  # a local folder whose name holds @: no revision in it
+    folder.mkdir()
+    corpus_arrays(corpus_source(f"hf://{folder}"), cache)
+    assert asked[-1] == (str(folder), None)
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 
